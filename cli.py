@@ -1,0 +1,199 @@
+"""The `gymtape` command: one subcommand per job.
+
+Each subcommand is a thin layer over the package API; errors that gymtape raises on purpose
+are printed as one line (exit code 2), anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="gymtape",
+    help="Record NeMo Gym rollouts with exact token IDs and logprobs, then replay and train on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(fn: F) -> F:
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from recorder import GymtapeError
+
+        try:
+            return fn(*args, **kwargs)
+        except GymtapeError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+
+    return run  # type: ignore[return-value]
+
+
+@app.command()
+@_friendly
+def ingest(
+    files: Annotated[list[Path], typer.Argument(help="NeMo Gym rollout JSONL files.", exists=True, dir_okay=False)],
+    tape: Annotated[Path, typer.Option("--tape", help="Tape directory (created or appended to).")],
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed line instead of skipping it.")] = False,
+) -> None:
+    """Convert NeMo Gym rollout JSONL into a tape (re-running skips rollouts already there)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from recorder import ingest_gym_jsonl
+
+    total = sum(f.stat().st_size for f in files)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("ingest", total=total)
+        report = ingest_gym_jsonl(files, tape, strict=strict, progress=lambda n: bar.advance(task, n))
+    for e in report.errors[:20]:
+        err.print(f"[yellow]skipped[/] {e}", highlight=False)
+    if len(report.errors) > 20:
+        err.print(f"[yellow]... and {len(report.errors) - 20} more malformed lines[/]")
+    ts = ", ".join(f"{k}={v}" for k, v in sorted(report.token_status.items()))
+    err.print(
+        f"ingested {report.rollouts} rollouts, {report.calls} calls from {report.lines} lines into {tape}"
+        f" (token fields: {ts or 'none'}; already on tape: {report.skipped_existing}; malformed: {len(report.errors)})",
+        highlight=False,
+    )
+
+
+class ExportFormat(str, Enum):
+    gym_jsonl = "gym-jsonl"
+
+
+@app.command()
+@_friendly
+def export(
+    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.gym_jsonl,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")] = None,
+) -> None:
+    """Write a tape's rollouts back out (Gym rollout JSONL: token fields on the output items)."""
+    from recorder import export_gym_jsonl
+
+    if out is None:
+        n = export_gym_jsonl(tape, sys.stdout.buffer)
+    else:
+        from recorder._fsutil import publish, temp_path_for
+
+        tmp = temp_path_for(out)
+        with open(tmp, "wb") as f:
+            n = export_gym_jsonl(tape, f)
+        publish(tmp, out, overwrite=True)
+    err.print(f"exported {n} rollouts ({format.value})")
+
+
+@app.command()
+@_friendly
+def inspect(
+    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
+    json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    no_jsonl_ratio: Annotated[bool, typer.Option("--no-jsonl-ratio", help="Skip sizing the equivalent Gym JSONL.")] = False,
+) -> None:
+    """Summarise a tape: rollouts, calls, tokens, storage, rewards by group, statuses, shards."""
+    from recorder import Tape, summarize
+
+    s = summarize(Tape(tape), gym_jsonl_bytes=not no_jsonl_ratio)
+    if json:
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(s, option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    _render_summary(s, Console())
+
+
+def _render_summary(s: dict[str, Any], console: Console) -> None:
+    from rich.table import Table
+
+    def num(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"
+
+    top = Table(title=f"tape {s['tape']} (format v{s['format_version']})", show_header=False, title_justify="left")
+    top.add_column(style="bold")
+    top.add_column(justify="right")
+    stored_ratio = s["stored_tokens"] / max(1, s["prompt_tokens"] + s["generation_tokens"])
+    rows = [
+        ("rollouts", num(s["rollouts"])),
+        ("calls", num(s["calls"])),
+        ("prompt tokens (full prompts)", num(s["prompt_tokens"])),
+        ("generation tokens", num(s["generation_tokens"])),
+        ("tokens stored (delta-encoded)", f"{num(s['stored_tokens'])}  ({stored_ratio:.1%} of prompt+generation)"),
+        ("tape bytes", num(s["tape_bytes"])),
+    ]
+    if "gym_jsonl_bytes" in s:
+        ratio = s["compression_ratio"]
+        rows.append(("equivalent Gym JSONL bytes", f"{num(s['gym_jsonl_bytes'])}  ({ratio:.1f}x the tape)" if ratio else "-"))
+    rows += [
+        ("mean reward", num(s["mean_reward"])),
+        ("status", ", ".join(f"{k}: {v}" for k, v in s["status"].items()) or "-"),
+        ("token fields", ", ".join(f"{k}: {v}" for k, v in s["token_status"].items()) or "-"),
+        ("policy versions", f"{num(s['policy_versions']['min'])} .. {num(s['policy_versions']['max'])}"),
+        ("shards", ", ".join(f"{t}: {v['count']} ({num(v['bytes'])} B)" for t, v in s["shards"].items())),
+        ("writers", f"{len(s['writers']['seen'])} ({len(s['writers']['not_closed'])} not closed cleanly)"),
+    ]
+    if s["temp_files"]:
+        rows.append(("temporary files (ignored)", str(len(s["temp_files"]))))
+    for k, v in rows:
+        top.add_row(k, v)
+    console.print(top)
+    groups = Table(title=f"reward by group ({s['num_groups']} groups)", title_justify="left")
+    for col in ("group", "rollouts", "mean", "std", "min", "max"):
+        groups.add_column(col, justify="left" if col == "group" else "right")
+    shown = s["groups"][:20]
+    for g in shown:
+        groups.add_row(str(g["group_key"]), num(g["rollouts"]), num(g["mean"]), num(g["std"]), num(g["min"]), num(g["max"]))
+    if len(s["groups"]) > len(shown):
+        groups.caption = f"first {len(shown)} of {s['num_groups']}; --json lists all"
+    console.print(groups)
+
+
+@app.command()
+@_friendly
+def synth(
+    tasks: Annotated[Path, typer.Argument(help="Gym task JSONL (responses_create_params lines).", exists=True)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output rollout JSONL.")],
+    repeats: Annotated[int, typer.Option(help="Rollouts per task.")] = 2,
+    calls: Annotated[int, typer.Option(help="Model calls per rollout.")] = 4,
+    context_tokens: Annotated[int, typer.Option(help="Context length reached by the last call.")] = 1024,
+    vocab_size: Annotated[int, typer.Option(help="Token IDs are drawn from [0, vocab_size).")] = 151_936,
+    rewrite_every: Annotated[int, typer.Option(help="Every Nth rollout rewrites its history (0: none).")] = 0,
+    empty_every: Annotated[int, typer.Option(help="Every Nth rollout has empty token fields (0: none).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Make synthetic multi-turn Gym rollout JSONL (random tokens) to try gymtape without a model."""
+    import orjson
+
+    from recorder import synthesize_gym_rollouts
+
+    task_lines = [orjson.loads(line) for line in tasks.read_bytes().splitlines() if line.strip()]
+    n = 0
+    with open(out, "wb") as f:
+        for line in synthesize_gym_rollouts(task_lines, repeats=repeats, calls=calls, context_tokens=context_tokens,
+                                            vocab_size=vocab_size, rewrite_every=rewrite_every,
+                                            empty_every=empty_every, seed=seed):
+            f.write(orjson.dumps(line) + b"\n")
+            n += 1
+    err.print(f"wrote {n} synthetic rollouts to {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Crash-safe file publication: write to a hidden temporary name, fsync, then rename."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._layout import temp_name
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories; nothing more to do there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(final: Path) -> Path:
+    return final.with_name(temp_name(final.name))
+
+
+def publish(tmp: Path, final: Path, *, overwrite: bool) -> bool:
+    """Make ``tmp`` visible as ``final`` in one atomic step.
+
+    With ``overwrite=False`` an existing ``final`` is kept and ``False`` is returned (the
+    temporary file is removed); this is how concurrent writers agree on one ``tape.json``.
+    """
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if overwrite:
+        os.replace(tmp, final)
+    else:
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            os.unlink(tmp)
+            return False
+        os.unlink(tmp)
+    fsync_dir(final.parent)
+    return True
+
+
+def write_bytes_atomic(final: Path, data: bytes, *, overwrite: bool = True) -> bool:
+    tmp = temp_path_for(final)
+    tmp.write_bytes(data)
+    return publish(tmp, final, overwrite=overwrite)

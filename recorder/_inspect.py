@@ -1,0 +1,81 @@
+"""Summary statistics of a tape: what `gymtape inspect` prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from ._gym import _dumps_exact, iter_gym_lines
+from ._layout import CALLS_DIR, META_FILE, ROLLOUTS_DIR
+from ._reader import Tape
+
+
+def summarize(tape: Tape, *, gym_jsonl_bytes: bool = True, max_groups: int | None = None) -> dict[str, Any]:
+    """Counts, token totals, storage, reward by group, statuses, policy versions and shards."""
+    calls = tape.calls()
+    rollouts = tape.rollouts()
+    c = calls.select(
+        pl.len().alias("calls"),
+        pl.col("prompt_len").cast(pl.Int64).sum().alias("prompt_tokens"),
+        pl.col("generation_ids").list.len().cast(pl.Int64).sum().alias("generation_tokens"),
+        pl.col("prompt_suffix_ids").list.len().cast(pl.Int64).sum().alias("stored_prompt_tokens"),
+        pl.col("policy_version").min().alias("min_policy_version"),
+        pl.col("policy_version").max().alias("max_policy_version"),
+    ).collect().row(0, named=True)
+    stored = (c["stored_prompt_tokens"] or 0) + (c["generation_tokens"] or 0)
+    versions = (
+        calls.group_by("policy_version").agg(pl.len().alias("calls")).sort("policy_version").collect().rows(named=True)
+    )
+    r = rollouts.select(pl.len().alias("rollouts"), pl.col("reward").mean().alias("mean_reward")).collect().row(0, named=True)
+
+    def counts(col: str) -> dict[str, int]:
+        rows = rollouts.group_by(col).agg(pl.len()).sort(col).collect().rows()
+        return {str(k): int(v) for k, v in rows}
+
+    groups_q = (
+        rollouts.group_by("group_key")
+        .agg(
+            pl.len().alias("rollouts"),
+            pl.col("reward").mean().alias("mean"),
+            pl.col("reward").std().alias("std"),
+            pl.col("reward").min().alias("min"),
+            pl.col("reward").max().alias("max"),
+        )
+        .sort("group_key", nulls_last=True)
+    )
+    groups = groups_q.collect().rows(named=True)
+    shards = {t: tape.shards(t) for t in (CALLS_DIR, ROLLOUTS_DIR)}
+    tape_bytes = sum(s.bytes for ss in shards.values() for s in ss) + (tape.path / META_FILE).stat().st_size
+    writers_seen = sorted({s.writer_id for ss in shards.values() for s in ss})
+    clean = tape.writers()
+    out: dict[str, Any] = {
+        "tape": str(tape.path),
+        "format_version": tape.meta.format_version,
+        "tokenizer": tape.meta.tokenizer.to_dict() if tape.meta.tokenizer else None,
+        "rollouts": r["rollouts"],
+        "calls": c["calls"],
+        "prompt_tokens": c["prompt_tokens"] or 0,
+        "generation_tokens": c["generation_tokens"] or 0,
+        "stored_tokens": stored,
+        "tape_bytes": tape_bytes,
+        "mean_reward": r["mean_reward"],
+        "status": counts("status"),
+        "token_status": counts("token_status"),
+        "policy_versions": {
+            "min": c["min_policy_version"],
+            "max": c["max_policy_version"],
+            "calls_by_version": {str(v["policy_version"]): v["calls"] for v in versions},
+        },
+        "groups": groups if max_groups is None else groups[:max_groups],
+        "num_groups": len(groups),
+        "shards": {t: {"count": len(ss), "bytes": sum(s.bytes for s in ss), "rows": sum(s.rows for s in ss)} for t, ss in shards.items()},
+        "writers": {"seen": writers_seen, "closed_cleanly": sorted(w for w in writers_seen if w in clean),
+                    "not_closed": sorted(w for w in writers_seen if w not in clean)},
+        "temp_files": [str(p.relative_to(tape.path)) for p in tape.temp_files()],
+    }
+    if gym_jsonl_bytes:
+        total = sum(len(_dumps_exact(line)) for line in iter_gym_lines(tape))
+        out["gym_jsonl_bytes"] = total
+        out["compression_ratio"] = total / tape_bytes if tape_bytes else None
+    return out

@@ -1,0 +1,54 @@
+"""Every on-disk name of a tape, in one place.
+
+The templates are also written into ``tape.json`` (``layout``), so tools that read a tape
+without gymtape never have to hard-code them.
+"""
+
+from __future__ import annotations
+
+FORMAT_NAME = "gymtape"
+FORMAT_VERSION = 1
+
+META_FILE = "tape.json"
+CALLS_DIR = "calls"
+ROLLOUTS_DIR = "rollouts"
+WRITERS_DIR = "writers"
+TABLES = (CALLS_DIR, ROLLOUTS_DIR)
+
+SHARD_SUFFIX = ".parquet"
+#: ``{writer}`` is the writer id, ``{seq}`` its shard counter; both make names unique
+#: across writers that share a tape without talking to each other.
+SHARD_TEMPLATE = "{writer}-{seq:06d}" + SHARD_SUFFIX
+#: Temporary files start with a dot: pyarrow.dataset, DuckDB globs and our reader skip them.
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+WRITER_MANIFEST_TEMPLATE = "{writer}.json"
+
+#: Key of the format version in every shard's Parquet key-value metadata.
+SHARD_VERSION_KEY = b"gymtape.format_version"
+SHARD_TABLE_KEY = b"gymtape.table"
+
+
+def shard_name(writer_id: str, seq: int) -> str:
+    return SHARD_TEMPLATE.format(writer=writer_id, seq=seq)
+
+
+def temp_name(final_name: str) -> str:
+    return f"{TEMP_PREFIX}{final_name}{TEMP_SUFFIX}"
+
+
+def is_published_shard(name: str) -> bool:
+    return name.endswith(SHARD_SUFFIX) and not name.startswith((TEMP_PREFIX, "_"))
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def layout_dict() -> dict[str, str]:
+    return {
+        "calls": f"{CALLS_DIR}/{SHARD_TEMPLATE}",
+        "rollouts": f"{ROLLOUTS_DIR}/{SHARD_TEMPLATE}",
+        "writers": f"{WRITERS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
+        "temporary": f"<dir>/{TEMP_PREFIX}<name>{TEMP_SUFFIX} (never read)",
+    }

@@ -1,0 +1,489 @@
+"""TapeWriter: buffers call and rollout rows and publishes them as immutable Parquet shards.
+
+Guarantees, in the order they matter:
+
+* A shard becomes visible only complete: it is written under a hidden temporary name, fsynced,
+  then renamed. A crash (even SIGKILL) leaves at most a hidden temporary file readers skip.
+* Several writers may share one tape without coordination: shard names carry the writer id and
+  a sequence number, and ``tape.json`` is created with a no-clobber link.
+* Within one flush the calls shard is published before the rollouts shard, so a visible rollout
+  row of this writer always has its calls visible too.
+* ``close()`` publishes what is buffered and then the writer's manifest
+  (``writers/<id>.json``); SIGTERM/SIGINT call ``close()``. When an exception escapes a
+  ``with`` block the buffer is dropped and no manifest is written, so an interrupted run never
+  looks complete; shards flushed before the error stay (each holds whole rows).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import _signals
+from ._errors import TapeValueError, WriterClosedError
+from ._fsutil import publish, temp_path_for, write_bytes_atomic
+from ._layout import (
+    CALLS_DIR,
+    FORMAT_VERSION,
+    ROLLOUTS_DIR,
+    SHARD_TABLE_KEY,
+    SHARD_VERSION_KEY,
+    WRITER_MANIFEST_TEMPLATE,
+    WRITERS_DIR,
+    is_published_shard,
+    shard_name,
+)
+from ._meta import TapeMeta, TokenizerIdentity, open_or_create_meta
+from ._prompts import common_prefix_len
+from ._records import CALL_STATUSES, LOGPROBS_KINDS, ROLLOUT_STATUSES, ROLLOUT_TOKEN_STATUSES, CallRecord, RolloutRecord
+from ._schema import CALL_COLUMNS, CALLS_SCHEMA, ROLLOUT_COLUMNS, ROLLOUTS_SCHEMA, Column
+
+#: Rows per Parquet row group: small enough to stream, large enough to compress well.
+ROW_GROUP_ROWS = 4096
+#: Open rollouts whose last context the writer keeps for delta encoding. Past this the oldest
+#: is forgotten and its next call is stored with its full prompt (correct, just larger).
+MAX_OPEN_ROLLOUTS = 65536
+
+
+def _json(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+def default_writer_id() -> str:
+    host = socket.gethostname().split(".")[0] or "host"
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in host)
+    return f"{safe}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _TableBuffer:
+    """Column-wise row buffer; token lists stay numpy arrays until the flush."""
+
+    def __init__(self, columns: tuple[Column, ...], schema: pa.Schema) -> None:
+        self.columns = columns
+        self.schema = schema
+        self.values: dict[str, list[Any]] = {c.name: [] for c in columns}
+        self.rows = 0
+        self.nbytes = 0
+        self.first_at: float | None = None
+
+    def append(self, row: dict[str, Any], nbytes: int) -> None:
+        for name, values in self.values.items():
+            values.append(row[name])
+        self.rows += 1
+        self.nbytes += nbytes
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+
+    def to_table(self) -> pa.Table:
+        arrays = []
+        for col in self.columns:
+            values = self.values[col.name]
+            if col.type in (pa.list_(pa.int32()), pa.list_(pa.float32())):
+                arrays.append(_list_array(values, col.type))
+            else:
+                arrays.append(pa.array(values, type=col.type))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+def _list_array(values: list[np.ndarray], typ: pa.ListType) -> pa.Array:
+    np_type = np.int32 if typ.value_type == pa.int32() else np.float32
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(values).astype(np_type, copy=False) if values else np.empty(0, np_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=typ.value_type))
+
+
+@dataclass
+class _OpenRollout:
+    """What the writer remembers of a rollout between its calls."""
+
+    context: np.ndarray
+    messages: list[Any] | None
+    tools_json: str | None
+    num_calls: int = 0
+    nonempty_calls: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    versions: list[int] = field(default_factory=list)
+
+
+def _as_ids(values: Any, what: str, call_id: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TapeValueError(f"call {call_id}: {what} must be a list of integers ({e})") from e
+    if arr.ndim != 1:
+        raise TapeValueError(f"call {call_id}: {what} must be a flat list of integers, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise TapeValueError(f"call {call_id}: {what} holds IDs outside 0..2^31-1")
+    return arr.astype(np.int32)
+
+
+class TapeWriter:
+    """Append calls and rollouts to a tape directory (created if needed).
+
+    Use as a context manager, or call :meth:`close`. Thread-safe.
+
+    Args:
+        path: the tape directory.
+        writer_id: names this writer's shards; default ``host-pid-random``. Reusing an id
+            continues its sequence numbers.
+        tokenizer: identity recorded in ``tape.json`` (checked against an existing tape).
+        flush_rows: publish a shard once this many rows are buffered in a table.
+        flush_bytes: ... or once the buffered token data reaches this many bytes.
+        flush_seconds: ... or once the oldest buffered row is this old (checked by a
+            background thread); None disables the time trigger.
+        handle_signals: close on SIGTERM/SIGINT (installed from the main thread only).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        writer_id: str | None = None,
+        tokenizer: TokenizerIdentity | None = None,
+        created_by: str = "",
+        flush_rows: int = 16384,
+        flush_bytes: int = 64 << 20,
+        flush_seconds: float | None = 30.0,
+        handle_signals: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.writer_id = writer_id or default_writer_id()
+        if not self.writer_id.replace("-", "").replace("_", "").isalnum():
+            raise TapeValueError(f"writer_id {self.writer_id!r} may hold only letters, digits, '-' and '_'")
+        self.meta = open_or_create_meta(self.path, TapeMeta(tokenizer=tokenizer, created_by=created_by))
+        for d in (CALLS_DIR, ROLLOUTS_DIR, WRITERS_DIR):
+            (self.path / d).mkdir(exist_ok=True)
+        self.flush_rows = flush_rows
+        self.flush_bytes = flush_bytes
+        self.flush_seconds = flush_seconds
+        self._seq = self._next_seq()
+        self._calls = _TableBuffer(CALL_COLUMNS, self._with_meta(CALLS_SCHEMA, CALLS_DIR))
+        self._rollouts = _TableBuffer(ROLLOUT_COLUMNS, self._with_meta(ROLLOUTS_SCHEMA, ROLLOUTS_DIR))
+        self._open: OrderedDict[str, _OpenRollout] = OrderedDict()
+        self._lock = threading.RLock()
+        self._busy = 0
+        self._close_requested = False
+        self._closed = False
+        self.shards: list[str] = []
+        self.rows_written = {CALLS_DIR: 0, ROLLOUTS_DIR: 0}
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if flush_seconds is not None:
+            self._ticker = threading.Thread(target=self._tick, name=f"gymtape-flush-{self.writer_id}", daemon=True)
+            self._ticker.start()
+        if handle_signals:
+            _signals.register(self)
+
+    # -- public API ---------------------------------------------------------------------
+
+    def add_call(self, rec: CallRecord) -> str:
+        """Buffer one call; returns its call id."""
+        call_id = rec.call_id or f"{rec.rollout_id}-{rec.call_index}"
+        prompt = _as_ids(rec.prompt_ids, "prompt_ids", call_id)
+        gen = _as_ids(rec.generation_ids, "generation_ids", call_id)
+        logprobs = np.asarray(rec.generation_logprobs, dtype=np.float32)
+        if logprobs.shape != gen.shape:
+            raise TapeValueError(
+                f"call {call_id}: generation_ids has {gen.size} entries but generation_logprobs "
+                f"{logprobs.size}; they must be the same length"
+            )
+        token_status = rec.token_status or ("ok" if prompt.size or gen.size else "empty")
+        _check_choice(token_status, CALL_STATUSES, "token_status", call_id)
+        if rec.logprobs_kind is not None:
+            _check_choice(rec.logprobs_kind, LOGPROBS_KINDS, "logprobs_kind", call_id)
+        tools_json = _json(rec.tools)
+        with self._critical():
+            state = self._open.get(rec.rollout_id)
+            if state is None:
+                state = _OpenRollout(context=np.empty(0, np.int32), messages=None, tools_json=None)
+                self._remember(rec.rollout_id, state)
+                stored_tools = tools_json
+            else:
+                self._open.move_to_end(rec.rollout_id)
+                stored_tools = None if tools_json == state.tools_json else tools_json
+            prefix_len = common_prefix_len(state.context, prompt)
+            msg_prefix, new_messages = _message_delta(state.messages, rec.messages)
+            row = {
+                "call_id": call_id,
+                "rollout_id": rec.rollout_id,
+                "call_index": rec.call_index,
+                "prefix_len": prefix_len,
+                "prompt_suffix_ids": prompt[prefix_len:],
+                "prompt_len": prompt.size,
+                "generation_ids": gen,
+                "generation_logprobs": logprobs,
+                "token_status": token_status,
+                "finish_reason": rec.finish_reason,
+                "policy_version": rec.policy_version,
+                "temperature": rec.temperature,
+                "top_p": rec.top_p,
+                "top_k": rec.top_k,
+                "max_tokens": rec.max_tokens,
+                "seed": rec.seed,
+                "logprobs_kind": rec.logprobs_kind,
+                "engine": rec.engine,
+                "model": rec.model,
+                "started_at": rec.started_at,
+                "latency_s": rec.latency_s,
+                "messages_prefix_len": msg_prefix,
+                "new_messages_json": _json(new_messages),
+                "tools_json": stored_tools,
+                "output_json": _json(rec.output),
+                "output_item_index": rec.output_item_index,
+            }
+            nbytes = 4 * (prompt.size - prefix_len + 2 * gen.size) + 64
+            for k in ("new_messages_json", "tools_json", "output_json"):
+                if row[k] is not None:
+                    nbytes += len(row[k])
+            self._calls.append(row, nbytes)
+            state.context = np.concatenate([prompt, gen]) if gen.size else prompt
+            state.messages = rec.messages
+            state.tools_json = tools_json
+            state.num_calls += 1
+            state.nonempty_calls += token_status == "ok"
+            state.prompt_tokens += prompt.size
+            state.generation_tokens += gen.size
+            state.versions.append(rec.policy_version)
+            self._maybe_flush()
+        return call_id
+
+    def add_rollout(self, rec: RolloutRecord) -> None:
+        """Buffer one rollout row; the rollout's delta state is released."""
+        _check_choice(rec.status, ROLLOUT_STATUSES, "status", rec.rollout_id)
+        with self._critical():
+            state = self._open.pop(rec.rollout_id, None)
+            seen = state or _OpenRollout(context=np.empty(0, np.int32), messages=None, tools_json=None)
+            token_status = rec.token_status or _rollout_token_status(seen)
+            _check_choice(token_status, ROLLOUT_TOKEN_STATUSES, "token_status", rec.rollout_id)
+            row = {
+                "rollout_id": rec.rollout_id,
+                "env": rec.env,
+                "task_index": rec.task_index,
+                "rollout_index": rec.rollout_index,
+                "group_key": rec.group_key,
+                "reward": rec.reward,
+                "status": rec.status,
+                "status_reason": rec.status_reason,
+                "token_status": token_status,
+                "num_calls": _pick(rec.num_calls, seen.num_calls),
+                "prompt_tokens": _pick(rec.prompt_tokens, seen.prompt_tokens),
+                "generation_tokens": _pick(rec.generation_tokens, seen.generation_tokens),
+                "min_policy_version": _pick(rec.min_policy_version, min(seen.versions, default=None)),
+                "max_policy_version": _pick(rec.max_policy_version, max(seen.versions, default=None)),
+                "input_json": _json(rec.input),
+                "response_json": _json(rec.response),
+                "extras_json": _json(rec.extras),
+                "gym_keys": rec.gym_keys,
+                "source": rec.source,
+                "created_at": rec.created_at or datetime.now(timezone.utc),
+            }
+            nbytes = 128 + sum(len(row[k]) for k in ("input_json", "response_json", "extras_json") if row[k])
+            self._rollouts.append(row, nbytes)
+            self._maybe_flush()
+
+    def flush(self) -> None:
+        """Publish everything buffered now (calls first, then rollouts)."""
+        with self._critical():
+            self._flush_locked()
+
+    def close(self) -> None:
+        """Publish the buffer and this writer's manifest. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._flush_locked()
+            self._write_manifest()
+            self._shutdown()
+
+    def abort(self) -> None:
+        """Drop the buffer and stop, publishing nothing more (no manifest)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._calls = _TableBuffer(self._calls.columns, self._calls.schema)
+            self._rollouts = _TableBuffer(self._rollouts.columns, self._rollouts.schema)
+            self._shutdown()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> TapeWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _with_meta(self, schema: pa.Schema, table: str) -> pa.Schema:
+        return schema.with_metadata({SHARD_VERSION_KEY: str(FORMAT_VERSION).encode(), SHARD_TABLE_KEY: table.encode()})
+
+    def _next_seq(self) -> int:
+        prefix = f"{self.writer_id}-"
+        seqs = [-1]
+        for table in (CALLS_DIR, ROLLOUTS_DIR):
+            for name in os.listdir(self.path / table):
+                if is_published_shard(name) and name.startswith(prefix):
+                    tail = name[len(prefix) :].split(".")[0]
+                    if tail.isdigit():
+                        seqs.append(int(tail))
+        return max(seqs) + 1
+
+    def _remember(self, rollout_id: str, state: _OpenRollout) -> None:
+        self._open[rollout_id] = state
+        if len(self._open) > MAX_OPEN_ROLLOUTS:
+            self._open.popitem(last=False)
+
+    class _Critical:
+        def __init__(self, w: TapeWriter) -> None:
+            self.w = w
+
+        def __enter__(self) -> None:
+            self.w._lock.acquire()
+            if self.w._closed:
+                self.w._lock.release()
+                raise WriterClosedError(f"writer {self.w.writer_id} of {self.w.path} is closed")
+            self.w._busy += 1
+
+        def __exit__(self, *exc: Any) -> None:
+            w = self.w
+            w._busy -= 1
+            honour = w._busy == 0 and w._close_requested and exc[0] is None
+            try:
+                if honour:
+                    w.close()
+            finally:
+                w._lock.release()
+            if honour:
+                _signals.busy_writer_finished()
+
+    def _critical(self) -> TapeWriter._Critical:
+        return TapeWriter._Critical(self)
+
+    def _close_from_signal(self) -> bool:
+        """Signal handler entry: close now, or ask for a close when the writer is busy."""
+        if self._busy:
+            self._close_requested = True
+            return False
+        self.close()
+        return True
+
+    def _maybe_flush(self) -> None:
+        for buf in (self._calls, self._rollouts):
+            if buf.rows >= self.flush_rows or buf.nbytes >= self.flush_bytes:
+                self._flush_locked()
+                return
+
+    def _tick(self) -> None:
+        assert self.flush_seconds is not None
+        interval = max(0.01, self.flush_seconds / 4)
+        while not self._stop.wait(interval):
+            try:
+                with self._critical():
+                    firsts = [b.first_at for b in (self._calls, self._rollouts) if b.first_at is not None]
+                    if firsts and time.monotonic() - min(firsts) >= self.flush_seconds:
+                        self._flush_locked()
+            except WriterClosedError:
+                return
+
+    def _flush_locked(self) -> None:
+        if not (self._calls.rows or self._rollouts.rows):
+            return
+        seq = self._seq
+        self._seq += 1
+        for table, attr in ((CALLS_DIR, "_calls"), (ROLLOUTS_DIR, "_rollouts")):
+            buf: _TableBuffer = getattr(self, attr)
+            if not buf.rows:
+                continue
+            self._write_shard(table, seq, buf.to_table())
+            self.rows_written[table] += buf.rows
+            setattr(self, attr, _TableBuffer(buf.columns, buf.schema))
+
+    def _write_shard(self, table_dir: str, seq: int, table: pa.Table) -> None:
+        final = self.path / table_dir / shard_name(self.writer_id, seq)
+        tmp = temp_path_for(final)
+        try:
+            pq.write_table(
+                table,
+                tmp,
+                compression="zstd",
+                row_group_size=ROW_GROUP_ROWS,
+                use_byte_stream_split=["generation_logprobs"] if table_dir == CALLS_DIR else False,
+            )
+            publish(tmp, final, overwrite=False) or _raise_exists(final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.shards.append(f"{table_dir}/{final.name}")
+
+    def _write_manifest(self) -> None:
+        manifest = {
+            "writer_id": self.writer_id,
+            "closed_at": datetime.now(timezone.utc).isoformat(),
+            "format_version": FORMAT_VERSION,
+            "rows": self.rows_written,
+            "shards": self.shards,
+        }
+        path = self.path / WRITERS_DIR / WRITER_MANIFEST_TEMPLATE.format(writer=self.writer_id)
+        write_bytes_atomic(path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        self._stop.set()
+        _signals.unregister(self)  # the ticker thread sees _stop and ends by itself
+
+
+def _raise_exists(final: Path) -> None:
+    raise FileExistsError(f"{final} already exists; two writers share the writer id, give each its own")
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], what: str, owner: str) -> None:
+    if value not in allowed:
+        raise TapeValueError(f"{owner}: {what} is {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _pick(given: Any, seen: Any) -> Any:
+    return seen if given is None else given
+
+
+def _rollout_token_status(state: _OpenRollout) -> str:
+    if state.num_calls == 0:
+        return "missing"
+    if state.nonempty_calls == state.num_calls:
+        return "ok"
+    return "empty" if state.nonempty_calls == 0 else "partial"
+
+
+def _message_delta(previous: list[Any] | None, current: list[Any] | None) -> tuple[int, list[Any] | None]:
+    if current is None:
+        return 0, None
+    if not previous:
+        return 0, list(current)
+    n = 0
+    for a, b in zip(previous, current):
+        if a != b:
+            break
+        n += 1
+    return n, list(current[n:])
