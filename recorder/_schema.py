@@ -2,7 +2,7 @@
 
 This module is the single source of the tape's columns: the writer builds Arrow tables from
 it, the reader checks shards against it, and ``docs/tape-format.md`` is generated from it
-(``python -m recorder._schema > docs/tape-format.md``; a test keeps the two in step).
+(``make docs``; a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -109,8 +109,13 @@ SCHEMAS = {"calls": CALLS_SCHEMA, "rollouts": ROLLOUTS_SCHEMA}
 COLUMNS = {"calls": CALL_COLUMNS, "rollouts": ROLLOUT_COLUMNS}
 
 
+_TYPE_NAMES = {"float": "float32", "double": "float64", "timestamp[us, tz=UTC]": "timestamp[us, UTC]"}
+
+
 def _type_name(t: pa.DataType) -> str:
-    return str(t).replace("list<item: ", "list<")
+    if pa.types.is_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    return _TYPE_NAMES.get(str(t), str(t))
 
 
 def render_markdown() -> str:
@@ -118,7 +123,7 @@ def render_markdown() -> str:
     out = [
         f"# Tape format v{FORMAT_VERSION}: column reference",
         "",
-        "Generated from `recorder/_schema.py` by `python -m recorder._schema`; do not edit by hand.",
+        "Generated from `recorder/_schema.py` by `make docs`; do not edit by hand.",
         "See `tape-layout.md` for the directory layout, atomicity and versioning rules.",
     ]
     for table, cols in COLUMNS.items():
@@ -126,7 +131,3 @@ def render_markdown() -> str:
         for c in cols:
             out.append(f"| `{c.name}` | `{_type_name(c.type)}` | {'yes' if c.nullable else 'no'} | {c.doc} |")
     return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    print(render_markdown(), end="")

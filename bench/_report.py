@@ -1,0 +1,39 @@
+"""Shared output of the benchmarks: one `bench <name>: <value> <unit> (target <op> <bound>) ok|SHORT` line per target."""
+
+from __future__ import annotations
+
+import operator
+import os
+import platform
+
+_OPS = {">=": operator.ge, "<=": operator.le}
+
+
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine() -> str:
+    cpus = _CORES
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {model or platform.processor()}, {cpus} cores, Python {platform.python_version()}"
+
+
+def target(name: str, value: float, unit: str, op: str, bound: float) -> bool:
+    ok = _OPS[op](value, bound)
+    print(f"bench {name}: {value:.4g} {unit} (target {op} {bound:g}) {'ok' if ok else 'SHORT'}", flush=True)
+    return ok
+
+
+def pin_to_one_core() -> None:
+    """Benchmarks that promise 'per core' run on one core, with pools of one thread."""
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})

@@ -1,0 +1,72 @@
+"""Shared factories: synthetic Gym rollout files and tapes built by gymtape's own code."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from recorder import ingest_gym_jsonl, synthesize_gym_rollouts
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TASKS = ROOT / "datasets" / "demo_tasks.jsonl"
+GYM_SAMPLES = ROOT.parent / "shared" / "gym-samples"
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    return path
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true: synchronise on the condition itself, never on a fixed delay."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        tick.wait(0.01)
+
+
+@pytest.fixture
+def demo_tasks() -> list[dict[str, Any]]:
+    return load_jsonl(DEMO_TASKS)
+
+
+@pytest.fixture
+def make_rollouts(demo_tasks: list[dict[str, Any]]) -> Callable[..., list[dict[str, Any]]]:
+    def make(**kw: Any) -> list[dict[str, Any]]:
+        return list(synthesize_gym_rollouts(demo_tasks, **kw))
+
+    return make
+
+
+@pytest.fixture
+def make_tape(tmp_path: Path, make_rollouts: Callable[..., list[dict[str, Any]]]) -> Callable[..., tuple[Path, Path]]:
+    """Build a tape from synthetic rollouts; returns (tape dir, source JSONL)."""
+    counter = iter(range(1000))
+
+    def make(**kw: Any) -> tuple[Path, Path]:
+        n = next(counter)
+        src = write_jsonl(tmp_path / f"rollouts{n}.jsonl", make_rollouts(**kw))
+        tape = tmp_path / f"tape{n}"
+        ingest_gym_jsonl([src], tape, strict=True)
+        return tape, src
+
+    return make
+
+
+@pytest.fixture
+def gym_samples() -> Path:
+    if not GYM_SAMPLES.is_dir():
+        pytest.skip(f"real NeMo Gym samples not found at {GYM_SAMPLES} (only in the gymtape workspace)")
+    return GYM_SAMPLES
