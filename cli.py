@@ -191,6 +191,52 @@ def synth(
     err.print(f"wrote {n} synthetic rollouts to {out}")
 
 
+class EngineName(str, Enum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+@app.command()
+@_friendly
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    tape: Annotated[Path | None, typer.Option(help="Record every call to this tape directory.")] = None,
+    engine: Annotated[EngineName, typer.Option(help="hf: in-process transformers; vllm: a vLLM server.")] = EngineName.hf,
+    model: Annotated[str | None, typer.Option(help="hf: checkpoint dir (default: embedded SmolLM2-135M-Instruct); "
+                                                   "vllm: model to start, or to pick at --upstream.")] = None,
+    upstream: Annotated[str | None, typer.Option(help="vllm: URL of a running vLLM server (else one is started).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (not on /health).",
+                                                envvar="GYMTAPE_API_KEY")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer directory (default: the model's).")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="Jinja chat template file overriding the tokenizer's.")] = None,
+    eos_token: Annotated[str | None, typer.Option(help="End-of-turn token for the splice (default: eos).")] = None,
+    tool_parser: Annotated[str, typer.Option(help="Tool-call format in generated text.")] = "hermes",
+    reasoning: Annotated[bool, typer.Option(help="Split <think>...</think> into reasoning_content.")] = True,
+    device: Annotated[str, typer.Option(help="hf: torch device (cpu, cuda).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="hf/local vllm: float32, bfloat16, ...")] = "float32",
+    max_batch_size: Annotated[int, typer.Option(help="hf: requests per batch.")] = 16,
+    max_model_len: Annotated[int | None, typer.Option(help="Context limit (default: the model's).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model name in responses.")] = None,
+    policy_version: Annotated[int, typer.Option(help="Policy version stamped on calls at start.")] = 0,
+    upstream_timeout: Annotated[float, typer.Option(help="vllm: seconds to wait for an answer before 504.")] = 600.0,
+    vllm_log: Annotated[str | None, typer.Option(help="vllm without --upstream: log file of the started server.")] = None,
+) -> None:
+    """Serve an on-policy OpenAI-compatible endpoint for NeMo Gym and record every call."""
+    import uvicorn
+
+    from recorder import ServeConfig, create_app
+
+    config = ServeConfig(
+        host=host, port=port, tape=tape, engine=engine.value, model=model, upstream=upstream, api_key=api_key,
+        tokenizer=tokenizer, chat_template=chat_template, eos_token=eos_token, tool_parser=tool_parser,
+        reasoning=reasoning, device=device, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
+        served_model_name=served_model_name, policy_version=policy_version, vllm_log=vllm_log,
+        upstream_timeout=upstream_timeout,
+    )
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+
+
 def main() -> None:
     app()
 

@@ -23,6 +23,20 @@ from ._reader import CallsByRollout, ShardInfo, Tape
 from ._records import CallRecord, RolloutRecord
 from ._synthetic import synthesize_gym_rollouts
 from ._writer import TapeWriter
+from .onpolicy import SpliceError, splice_prefix
+
+
+def __getattr__(name: str):  # the server pulls in FastAPI and transformers: load it on first use
+    if name in ("ServeConfig", "create_app"):
+        from . import _server
+
+        return getattr(_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "FORMAT_VERSION",
@@ -34,7 +48,9 @@ __all__ = [
     "IngestReport",
     "NotATapeError",
     "RolloutRecord",
+    "ServeConfig",
     "ShardInfo",
+    "SpliceError",
     "Tape",
     "TapeError",
     "TapeMeta",
@@ -44,9 +60,11 @@ __all__ = [
     "TokenizerIdentity",
     "TokenizerMismatchError",
     "WriterClosedError",
+    "create_app",
     "export_gym_jsonl",
     "ingest_gym_jsonl",
     "iter_gym_lines",
+    "splice_prefix",
     "summarize",
     "synthesize_gym_rollouts",
     "tokenizer_identity",

@@ -13,6 +13,8 @@ META_FILE = "tape.json"
 CALLS_DIR = "calls"
 ROLLOUTS_DIR = "rollouts"
 WRITERS_DIR = "writers"
+#: Resolved configuration of each command that wrote to the tape (``<writer>.json``).
+RUNS_DIR = "runs"
 TABLES = (CALLS_DIR, ROLLOUTS_DIR)
 
 SHARD_SUFFIX = ".parquet"
@@ -50,5 +52,6 @@ def layout_dict() -> dict[str, str]:
         "calls": f"{CALLS_DIR}/{SHARD_TEMPLATE}",
         "rollouts": f"{ROLLOUTS_DIR}/{SHARD_TEMPLATE}",
         "writers": f"{WRITERS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
+        "runs": f"{RUNS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
         "temporary": f"<dir>/{TEMP_PREFIX}<name>{TEMP_SUFFIX} (never read)",
     }

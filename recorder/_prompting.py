@@ -1,0 +1,107 @@
+"""From chat messages to the exact prompt token IDs: chat template + on-policy splice.
+
+The server never trusts re-rendered text for tokens the model already produced: when the
+request carries message-level token IDs, the prompt is the model's own prefix spliced into the
+freshly templated prompt (recorder.onpolicy.splice_prefix). Templates are rendered to text and
+then encoded without special-token insertion, so the IDs are exactly what the template says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ._openai import TOKEN_FIELDS, APIError
+from .onpolicy import SpliceError, splice_prefix
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    #: The (prompt IDs, generation IDs) of the assistant message spliced in, or None.
+    anchor: tuple[list[int], list[int]] | None
+    #: Request messages as stored on the tape (token fields removed, content normalised).
+    messages: list[dict[str, Any]]
+
+
+class PromptBuilder:
+    """Renders messages with a tokenizer's chat template and applies the on-policy splice."""
+
+    def __init__(self, tokenizer: Any, *, chat_template: str | Path | None = None, eos_token: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        if chat_template is not None:
+            p = Path(chat_template)
+            tokenizer.chat_template = p.read_text() if p.exists() else str(chat_template)
+        if not tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template; pass --chat-template")
+        eos = eos_token or tokenizer.eos_token
+        self.eos_token_id: int = tokenizer.convert_tokens_to_ids(eos)
+        if self.eos_token_id is None or self.eos_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"end-of-turn token {eos!r} is not in the vocabulary; pass --eos-token")
+        self.vocab_size = len(tokenizer)
+        self._developer_ok = "developer" in tokenizer.chat_template
+
+    def _template_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for m in messages:
+            t = {k: v for k, v in m.items() if k not in TOKEN_FIELDS}
+            if t["role"] == "developer" and not self._developer_ok:
+                t["role"] = "system"
+            if t.get("tool_calls"):
+                t["tool_calls"] = [_tool_call_for_template(c) for c in t["tool_calls"]]
+            out.append(t)
+        return out
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *,
+               add_generation_prompt: bool, kwargs: dict[str, Any] | None = None) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **(kwargs or {})
+            )
+        except Exception as e:  # jinja errors: the template rejected these messages
+            raise APIError(f"the chat template could not render these messages: {e}", param="messages") from e
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def build(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+              kwargs: dict[str, Any] | None = None, *, add_generation_prompt: bool = True) -> Prompt:
+        """The prompt IDs for a request: templated, with the last model turn spliced in."""
+        tmsgs = self._template_messages(messages)
+        stored = [_stored_message(m) for m in messages]
+        anchor_at = None
+        for i in range(len(messages) - 1, -1, -1):
+            m = messages[i]
+            if m["role"] == "assistant" and (m.get("generation_token_ids") or m.get("prompt_token_ids")):
+                anchor_at = i
+                break
+        full = self.render(tmsgs, tools, add_generation_prompt=add_generation_prompt, kwargs=kwargs)
+        if anchor_at is None:
+            return Prompt(full, None, stored)
+        m = messages[anchor_at]
+        prefix = self.render(tmsgs[: anchor_at + 1], tools, add_generation_prompt=False, kwargs=kwargs)
+        model_prefix = list(m["prompt_token_ids"]) + list(m["generation_token_ids"])
+        try:
+            ids = splice_prefix(model_prefix, prefix, full, self.eos_token_id, tokenizer=self.tokenizer)
+        except SpliceError as e:
+            raise APIError(f"messages[{anchor_at}]: cannot splice its token IDs into the prompt: {e}",
+                           param=f"messages[{anchor_at}]", code="splice_failed") from e
+        return Prompt(ids, (list(m["prompt_token_ids"]), list(m["generation_token_ids"])), stored)
+
+
+def _tool_call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    """HF chat templates expect arguments as a dict; OpenAI sends a JSON string."""
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = orjson.loads(args)
+        except orjson.JSONDecodeError:
+            pass
+    return {**call, "function": fn}
+
+
+def _stored_message(m: dict[str, Any]) -> dict[str, Any]:
+    """What the tape keeps of a request message: its token fields live in the calls already."""
+    return {k: v for k, v in m.items() if k not in TOKEN_FIELDS}

@@ -1,0 +1,179 @@
+"""The `vllm` engine: a stock vLLM server, called with token-ID prompts on /v1/completions.
+
+Sending token IDs (not text) is what makes any stock vLLM on-policy: the server-side splice
+already fixed the prompt, and vLLM must not re-tokenize it. vLLM returns the sampled token
+IDs (`return_token_ids`) and, with `logprobs: 0`, the sampled token's logprob, which by
+vLLM's default (`logprobs_mode=raw_logprobs`) is the raw model distribution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ._engine import EngineError, Generation, SamplingParams
+
+
+class VLLMEngine:
+    name = "vllm"
+    logprobs_kind = "raw"
+
+    def __init__(self, upstream: str, *, model: str | None = None, timeout: float = 600.0,
+                 max_connections: int = 256, api_key: str | None = None) -> None:
+        self.upstream = upstream.rstrip("/")
+        if self.upstream.endswith("/v1"):
+            self.upstream = self.upstream[: -len("/v1")]
+        self.model_name = model or ""
+        self.max_model_len = 0
+        self._timeout = timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.upstream,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def start(self) -> None:
+        data = await self._call("GET", "/v1/models")
+        models = data.get("data") or []
+        if not models:
+            raise EngineError(f"vLLM at {self.upstream} serves no model", 502, "upstream_error")
+        chosen = next((m for m in models if m.get("id") == self.model_name), None) if self.model_name else models[0]
+        if chosen is None:
+            names = ", ".join(m.get("id", "?") for m in models)
+            raise EngineError(f"vLLM at {self.upstream} does not serve {self.model_name!r} (it serves {names})", 502,
+                              "upstream_error")
+        self.model_name = chosen["id"]
+        self.max_model_len = int(chosen.get("max_model_len") or 0)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "prompt": prompt_ids,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else -1,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "skip_special_tokens": False,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop_token_ids:
+            body["stop_token_ids"] = list(params.stop_token_ids)
+        data = await self._call("POST", "/v1/completions", json=body)
+        try:
+            choice = data["choices"][0]
+            ids = [int(t) for t in choice["token_ids"]]
+            logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise EngineError(f"vLLM at {self.upstream} answered without token IDs/logprobs ({e!r}); "
+                              "it must support return_token_ids (vLLM >= 0.10)", 502, "upstream_error") from e
+        if len(ids) != len(logprobs):
+            raise EngineError(f"vLLM returned {len(ids)} token IDs but {len(logprobs)} logprobs", 502, "upstream_error")
+        return Generation(ids, logprobs, finish)
+
+    async def load_weights(self, path: str) -> None:
+        raise EngineError("the vllm engine cannot load weights itself: update the vLLM server's weights, then "
+                          "POST /admin/weights with only {\"version\": N} so the tape records the new version", 400,
+                          "invalid_request_error")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        try:
+            r = await self._client.request(method, path, **kw)
+        except httpx.TimeoutException as e:
+            raise EngineError(f"vLLM at {self.upstream} did not answer {path} within {self._timeout:g} s", 504,
+                              "upstream_timeout") from e
+        except httpx.HTTPError as e:
+            raise EngineError(f"vLLM at {self.upstream} is unreachable ({type(e).__name__}: {e})", 502,
+                              "upstream_unavailable") from e
+        if r.status_code >= 400:
+            try:
+                msg = r.json().get("error", {}).get("message") or r.text
+            except ValueError:
+                msg = r.text
+            status = r.status_code if r.status_code < 500 else 502
+            raise EngineError(f"vLLM answered {r.status_code}: {msg[:500]}", status,
+                              "invalid_request_error" if status < 500 else "upstream_error")
+        try:
+            return r.json()
+        except ValueError as e:
+            raise EngineError(f"vLLM at {self.upstream} answered non-JSON: {r.text[:200]!r}", 502, "upstream_error") from e
+
+
+def vllm_python() -> str:
+    """The Python that has vLLM: $GYMTAPE_VLLM_PYTHON, ./.venv-vllm, or this interpreter."""
+    env = os.environ.get("GYMTAPE_VLLM_PYTHON")
+    if env:
+        return env
+    local = Path(".venv-vllm/bin/python")
+    return str(local.resolve()) if local.exists() else sys.executable
+
+
+class VLLMProcess:
+    """Starts and supervises a local vLLM OpenAI server; its log is kept in ``log_path``."""
+
+    def __init__(self, model: str, *, port: int, log_path: Path, served_name: str | None = None,
+                 max_model_len: int = 4096, dtype: str = "auto", extra_args: tuple[str, ...] = (),
+                 python: str | None = None) -> None:
+        self.model = model
+        self.port = port
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.served_name = served_name or Path(model).name
+        self._args = [
+            python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(port),
+            "--max-model-len", str(max_model_len), "--dtype", dtype, *extra_args,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if shutil.which(self._args[0]) is None and not Path(self._args[0]).exists():
+            raise EngineError(f"no Python at {self._args[0]} to run vLLM; set GYMTAPE_VLLM_PYTHON", 500)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+
+    async def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise EngineError(f"vLLM exited with code {self.proc.returncode} while starting; see {self.log_path}", 502,
+                                      "upstream_unavailable")
+                try:
+                    if (await c.get(f"{self.url}/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(1.0)
+        raise EngineError(f"vLLM did not become healthy within {timeout:g} s; see {self.log_path}", 504, "upstream_timeout")
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

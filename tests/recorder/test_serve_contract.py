@@ -1,0 +1,204 @@
+"""`gymtape serve` against what NeMo Gym sends and reads, and against bad input (embedded hf engine)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import Server, start_gymtape_serve
+
+API_KEY = "gym-secret"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("serve")
+    s = start_gymtape_serve(tmp, "--engine", "hf", "--model", str(model_dir), "--api-key", API_KEY,
+                            "--served-model-name", "policy", "--max-model-len", "512", "--tape", str(tmp / "tape"))
+    yield s
+    s.stop()
+
+
+def _post(server: Server, path: str, body: Any, **kw: Any) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{server.url}{path}", content=content, headers={**AUTH, "content-type": "application/json"},
+                      timeout=120, **kw)
+
+
+def gym_request(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The body Gym's vllm_model (vllm_model_for_training.yaml) sends upstream."""
+    return {"model": "policy", "messages": messages, "tools": TOOLS, "temperature": 1.0, "top_p": 1.0,
+            "max_tokens": 16, "logprobs": True, "top_logprobs": 0, "return_tokens_as_token_ids": True,
+            "return_token_ids": True}
+
+
+def test_gym_training_request_sequence_gets_every_field_gym_reads(server: Server) -> None:
+    messages = [{"role": "developer", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+    r = _post(server, "/v1/chat/completions", gym_request(messages))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    msg = choice["message"]
+    # 1. the three fields on the message
+    assert all(isinstance(t, int) for t in msg["prompt_token_ids"] + msg["generation_token_ids"])
+    assert len(msg["generation_log_probs"]) == len(msg["generation_token_ids"]) > 0
+    assert all(lp <= 0 for lp in msg["generation_log_probs"])
+    # 2. vLLM-style top-level prompt IDs and choice token IDs
+    assert body["prompt_token_ids"] == msg["prompt_token_ids"] and choice["token_ids"] == msg["generation_token_ids"]
+    # 3. logprobs.content with token_id:<id> tokens
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in msg["generation_token_ids"]]
+    assert [c["logprob"] for c in content] == msg["generation_log_probs"]
+    assert choice["finish_reason"] in ("stop", "length") and body["model"] == "policy"
+    # /tokenize at the root, as Gym calls it, gives the chat endpoint's prompt for the same messages
+    tok = _post(server, "/tokenize", {"model": "policy", "messages": messages, "tools": TOOLS}).json()
+    assert tok["tokens"] == msg["prompt_token_ids"] and tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 512
+    # Second call: Gym echoes the assistant message with the three fields next to role/content/tool_calls
+    echoed = {"role": "assistant", "content": msg["content"], "tool_calls": msg.get("tool_calls"),
+              **{k: msg[k] for k in ("prompt_token_ids", "generation_token_ids", "generation_log_probs")}}
+    messages2 = messages + [echoed, {"role": "user", "content": "Again."}]
+    r2 = _post(server, "/v1/chat/completions", gym_request(messages2)).json()
+    prefix = msg["prompt_token_ids"] + msg["generation_token_ids"]
+    assert r2["prompt_token_ids"][: len(prefix)] == prefix
+    assert _post(server, "/tokenize", {"model": "policy", "messages": messages2, "tools": TOOLS}).json()["tokens"] == \
+        r2["prompt_token_ids"]
+    assert r2["gymtape"]["rollout_id"] == body["gymtape"]["rollout_id"] and r2["gymtape"]["call_index"] == 1
+
+
+def test_models_and_health(server: Server) -> None:
+    models = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()
+    assert models["data"][0]["id"] == "policy"
+    health = httpx.get(f"{server.url}/health").json()  # no key needed
+    assert health["status"] == "ok" and health["engine"] == "hf"
+
+
+def _assert_error(r: httpx.Response, status: int, *needles: str) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    for n in needles:
+        assert n in err["message"], f"error message should name {n!r}: {err['message']}"
+
+
+GOOD = [{"role": "user", "content": "hi"}]
+
+
+def _assistant(**fields: Any) -> dict[str, Any]:
+    base = {"role": "assistant", "content": "x", "prompt_token_ids": [1, 2], "generation_token_ids": [3],
+            "generation_log_probs": [-0.5]}
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize("body, status, needles", [
+    (b"{not json", 400, ["not valid JSON"]),
+    (b"[1, 2]", 400, ["JSON object"]),
+    ({"model": "policy"}, 400, ["messages is required"]),
+    ({"messages": []}, 400, ["non-empty"]),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, ["messages[0].role", "wizard"]),
+    ({"messages": [_assistant(generation_token_ids=[10**9])]}, 400, ["10000000", "vocabulary"]),
+    ({"messages": [_assistant(generation_log_probs=[-0.5, -0.1])]}, 400, ["generation_token_ids has 1", "generation_log_probs has 2"]),
+    ({"messages": [_assistant(prompt_token_ids=None)]}, 400, ["prompt_token_ids"]),
+    ({"messages": GOOD, "n": 2}, 400, ["n must be 1"]),
+    ({"messages": GOOD, "temperature": -1}, 400, ["temperature"]),
+    ({"messages": GOOD, "max_tokens": 0}, 400, ["max_tokens"]),
+    ({"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 4}, 400, ["maximum context length is 512"]),
+    ({"messages": GOOD, "max_tokens": 600}, 400, ["maximum context length"]),
+])
+def test_bad_input_gets_openai_error_and_server_keeps_serving(server: Server, body: Any, status: int,
+                                                              needles: list[str]) -> None:
+    _assert_error(_post(server, "/v1/chat/completions", body), status, *needles)
+    ok = _post(server, "/v1/chat/completions", {"messages": GOOD, "max_tokens": 2})
+    assert ok.status_code == 200, "the server must keep serving after a bad request"
+
+
+def test_missing_or_wrong_api_key_is_401(server: Server) -> None:
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": GOOD}, headers={"Authorization": "Bearer no"})
+    _assert_error(r, 401, "API key")
+    _assert_error(httpx.get(f"{server.url}/v1/models"), 401, "API key")
+
+
+def test_admin_weights_bumps_policy_version_stamped_on_calls(server: Server, model_dir: Path) -> None:
+    before = httpx.get(f"{server.url}/health").json()["policy_version"]
+    r = _post(server, "/admin/weights", {"path": str(model_dir), "version": before + 3})
+    assert r.status_code == 200 and r.json()["policy_version"] == before + 3
+    call = _post(server, "/v1/chat/completions", {"messages": GOOD, "max_tokens": 2}).json()
+    assert call["gymtape"]["policy_version"] == before + 3
+    _assert_error(_post(server, "/admin/weights", {"path": "/nonexistent"}), 400, "/nonexistent")
+    assert httpx.post(f"{server.url}/admin/weights", json={"version": 1}).status_code == 401
+
+
+class BrokenUpstream:
+    """A deliberately broken 'vLLM': lists a model, then hangs or drops connections on completions."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            data = conn.recv(65536)
+            if data.startswith(b"GET /v1/models") or data.startswith(b"GET /health"):
+                body = json.dumps({"data": [{"id": "broken", "max_model_len": 512}]}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (len(body), body))
+                conn.close()
+            elif self.mode == "hang":
+                self.held.append(conn)  # never answer
+            else:
+                conn.close()  # drop the connection
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.mark.parametrize("mode, status, needle", [("hang", 504, "did not answer"), ("drop", 502, "unreachable")])
+def test_upstream_failures_map_to_clear_errors(model_dir: Path, tmp_path: Path, mode: str, status: int,
+                                               needle: str) -> None:
+    upstream = BrokenUpstream(mode)
+    server = start_gymtape_serve(tmp_path, "--engine", "vllm", "--upstream", f"http://127.0.0.1:{upstream.port}",
+                                 "--tokenizer", str(model_dir), "--upstream-timeout", "2")
+    try:
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": GOOD, "max_tokens": 2}, timeout=60)
+        _assert_error(r, status, needle)
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+        upstream.close()
+
+
+def test_upstream_down_entirely_is_502(model_dir: Path, tmp_path: Path) -> None:
+    upstream = BrokenUpstream("drop")
+    server = start_gymtape_serve(tmp_path, "--engine", "vllm", "--upstream", f"http://127.0.0.1:{upstream.port}",
+                                 "--tokenizer", str(model_dir))
+    upstream.close()  # now nothing listens there
+    try:
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": GOOD, "max_tokens": 2}, timeout=60)
+        _assert_error(r, 502, "unreachable")
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+
+

