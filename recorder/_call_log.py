@@ -41,7 +41,7 @@ class CallLog:
 
     def __init__(self, tape: Path | None, *, tokenizer: TokenizerIdentity | None = None,
                  writer_id: str | None = None, max_tracked: int = 262_144, flush_seconds: float = 5.0) -> None:
-        self._known: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
+        self._known: OrderedDict[bytes, tuple[str, int, int]] = OrderedDict()
         self._max = max_tracked
         self._lock = threading.Lock()
         self.errors = 0
@@ -64,12 +64,18 @@ class CallLog:
                 return hit[0], hit[1] + 1
         return uuid.uuid4().hex, 0
 
-    def remember(self, prompt_ids: Sequence[int], generation_ids: Sequence[int], rollout_id: str, call_index: int) -> None:
+    def remember(self, prompt_ids: Sequence[int], generation_ids: Sequence[int], rollout_id: str, call_index: int,
+                 policy_version: int = 0) -> None:
         key = call_key(prompt_ids, generation_ids)
         with self._lock:
-            self._known[key] = (rollout_id, call_index)
+            self._known[key] = (rollout_id, call_index, policy_version)
             if len(self._known) > self._max:
                 self._known.popitem(last=False)
+
+    def lookup(self, prompt_ids: Sequence[int], generation_ids: Sequence[int]) -> tuple[str, int, int] | None:
+        """(rollout id, call index, policy version) of a call this server made, if still tracked."""
+        with self._lock:
+            return self._known.get(call_key(prompt_ids, generation_ids))
 
     def submit(self, record: CallRecord) -> None:
         if self.writer is not None:

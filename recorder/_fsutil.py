@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ._layout import temp_name
@@ -50,3 +53,22 @@ def write_bytes_atomic(final: Path, data: bytes, *, overwrite: bool = True) -> b
     tmp = temp_path_for(final)
     tmp.write_bytes(data)
     return publish(tmp, final, overwrite=overwrite)
+
+
+def build_dir_atomic(target: Path, build: Callable[[Path], None], marker: str) -> Path:
+    """Build a directory under a temporary name, then rename it into place.
+
+    Used for caches several processes may fill at once: the first rename wins and the others
+    (which built the same content) drop theirs. ``marker`` is a file whose presence means done.
+    """
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        build(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / marker).exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -162,7 +162,6 @@ def line_to_records(line: bytes, data: Any, source: str) -> tuple[RolloutRecord,
                 top_p=params.get("top_p") if isinstance(params.get("top_p"), (int, float)) else None,
                 max_tokens=params.get("max_output_tokens") if _is_int(params.get("max_output_tokens")) else None,
                 model=model if isinstance(model, str) else None,
-                output_item_index=i,
             )
         )
     rollout = RolloutRecord(
@@ -178,6 +177,7 @@ def line_to_records(line: bytes, data: Any, source: str) -> tuple[RolloutRecord,
         input=orjson.dumps(rcp).decode() if _INPUT in data else None,
         response=orjson.dumps(response).decode() if _RESPONSE in data else None,
         extras=orjson.dumps(extras).decode() if extras else None,
+        call_item_indices=token_items if calls else None,
         gym_keys=list(data.keys()),
         source=source,
     )
@@ -259,16 +259,17 @@ def _token_status(calls: list[CallRecord]) -> str:
 
 def iter_gym_lines(tape: Tape) -> Iterator[dict[str, Any]]:
     """Rebuild each rollout's Gym line (dict), in the order the rollouts were written."""
-    calls_index = tape.calls_by_rollout(("generation_logprobs", "output_item_index", "output_json"))
+    calls_index = tape.calls_by_rollout(("generation_logprobs", "output_json"))
     rollouts = tape.read("rollouts")
     cols = {c: rollouts.column(c).to_pylist() for c in (
-        "rollout_id", "input_json", "response_json", "extras_json", "gym_keys", "reward", "task_index", "rollout_index")}
+        "rollout_id", "input_json", "response_json", "extras_json", "gym_keys", "reward", "task_index", "rollout_index",
+        "call_item_indices")}
     for r in range(rollouts.num_rows):
         rid = cols["rollout_id"][r]
         calls = calls_index.get(rid) if rid in calls_index else None
         response = orjson.loads(cols["response_json"][r]) if cols["response_json"][r] is not None else None
         if calls is not None:
-            response = _put_token_fields(response, calls)
+            response = _put_token_fields(response, calls, cols["call_item_indices"][r])
         extras = orjson.loads(cols["extras_json"][r]) if cols["extras_json"][r] else {}
         typed = {
             _INPUT: orjson.loads(cols["input_json"][r]) if cols["input_json"][r] is not None else None,
@@ -281,13 +282,13 @@ def iter_gym_lines(tape: Tape) -> Iterator[dict[str, Any]]:
         yield {k: extras[k] if k in extras else typed.get(k) for k in keys}
 
 
-def _put_token_fields(response: Any, calls: dict[str, Any]) -> Any:
+def _put_token_fields(response: Any, calls: dict[str, Any], item_indices: list[int] | None) -> Any:
     """Put each call's three token fields back on its output item (or synthesise items)."""
     if response is None:
         response = {"output": []}
     output = response.setdefault("output", [])
     for k in range(len(calls["prompt_ids"])):
-        idx = calls["output_item_index"][k]
+        idx = item_indices[k] if item_indices is not None and k < len(item_indices) else None
         if idx is None:
             item = orjson.loads(calls["output_json"][k]) if calls["output_json"][k] else {"type": "message", "role": "assistant"}
             output.append(item)

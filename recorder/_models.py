@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 from ._errors import GymtapeError
+from ._fsutil import build_dir_atomic
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,15 +54,9 @@ def default_model_dir() -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     tokenizer.chat_template = (CHAT_TEMPLATES / "chatml_tools.jinja").read_text()
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)  # another process may have won the race: theirs is the same
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_dir_atomic(target, save, "config.json")

@@ -52,8 +52,6 @@ class CallRecord:
     tools: list[dict[str, Any]] | None = None
     #: The parsed model output (a message dict), or None.
     output: dict[str, Any] | None = None
-    #: Gym ingest: index of the output item that carried the token fields.
-    output_item_index: int | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -86,6 +84,8 @@ class RolloutRecord:
     response: Any = None
     #: Other fields of the Gym line (dict) or their JSON text.
     extras: Any = None
+    #: Per call (by call index): which ``response.output`` item carries its token fields.
+    call_item_indices: list[int] | None = None
     gym_keys: list[str] | None = None
     source: str | None = None
     created_at: datetime | None = None

@@ -69,9 +69,6 @@ CALL_COLUMNS: tuple[Column, ...] = (
     Column("tools_json", JSON_TEXT, True,
            "JSON list of the request's tools; null means the same tools as the previous call."),
     Column("output_json", JSON_TEXT, True, "The parsed model output (message with tool calls / reasoning) as JSON."),
-    Column("output_item_index", pa.int32(), True,
-           "Index into the rollout's `response.output` of the Gym item that carried this call's token "
-           "fields (ingested rollouts)."),
 )
 
 ROLLOUT_COLUMNS: tuple[Column, ...] = (
@@ -97,6 +94,9 @@ ROLLOUT_COLUMNS: tuple[Column, ...] = (
            "Gym `response` object as JSON, without the three token fields (they live in `calls`)."),
     Column("extras_json", JSON_TEXT, True,
            "The line's other fields (verifier extras, `agent_ref`, ...) as a JSON object."),
+    Column("call_item_indices", pa.list_(pa.int32()), True,
+           "For each call (by `call_index`), the index into `response.output` of the Gym output item "
+           "that carries its token fields; null when the rollout has no Gym response."),
     Column("gym_keys", pa.list_(pa.string()), True,
            "Top-level keys of the source Gym line in their order, so export rebuilds it exactly."),
     Column("source", pa.string(), True, "Where the rollout came from (`file:line` for ingested ones)."),

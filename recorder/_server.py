@@ -131,7 +131,7 @@ class GymtapeServer:
         max_tokens = self.max_tokens_for(req, len(prompt.ids))
         gen = await self.engine.generate(prompt.ids, req.sampling(max_tokens, self.stop_ids))
         rollout_id, call_index = self.log.assign(prompt.anchor)
-        self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index)
+        self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, self.policy_version)
         message, finish = self._message(gen.token_ids, gen.finish_reason)
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         version = self.policy_version
@@ -212,8 +212,23 @@ class GymtapeServer:
     async def health(self) -> Response:
         return _json({"status": "ok", "engine": self.engine.name, "model": self.model_name,
                       "policy_version": self.policy_version, "recording": {
-                          "tape": str(self.config.tape) if self.config.tape else None,
+                          "tape": str(Path(self.config.tape).resolve()) if self.config.tape else None,
                           "recorded": self.log.recorded, "pending": self.log.pending, "errors": self.log.errors}})
+
+    async def lookup(self, request: Request) -> Response:
+        """Which rollout recorded calls belong to, by their token IDs: lets `gymtape record`
+        join a Gym /run result to the calls this server wrote instead of writing them twice."""
+        self.check_auth(request)
+        data = parse_json(await request.body())
+        calls = data.get("calls")
+        if not isinstance(calls, list):
+            raise APIError("calls must be a list of {prompt_token_ids, generation_token_ids}", param="calls")
+        out = []
+        for c in calls:
+            hit = self.log.lookup(c.get("prompt_token_ids") or [], c.get("generation_token_ids") or []) \
+                if isinstance(c, dict) else None
+            out.append(None if hit is None else {"rollout_id": hit[0], "call_index": hit[1], "policy_version": hit[2]})
+        return _json({"calls": out, "recording": self.config.tape is not None})
 
     async def admin_weights(self, request: Request) -> Response:
         self.check_auth(request)
@@ -336,6 +351,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         return await state["s"].health()
+
+    @app.post("/gymtape/lookup")
+    async def lookup(request: Request) -> Response:
+        return await state["s"].lookup(request)
 
     @app.post("/admin/weights")
     async def admin_weights(request: Request) -> Response:

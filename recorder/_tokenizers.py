@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import os
-import shutil
-import uuid
 from pathlib import Path
 
+from ._fsutil import build_dir_atomic, write_bytes_atomic
 from ._models import CHAT_TEMPLATES, ModelUnavailableError, cache_dir
 
 QWEN_TEMPLATE = CHAT_TEMPLATES / "qwen3_think.jinja"
@@ -133,12 +131,7 @@ def _refresh_template(target: Path) -> None:
             return
     except OSError:
         pass
-    tmp = saved.with_name(f".{saved.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(current)
-        os.replace(tmp, saved)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(saved, current.encode())
 
 
 def qwen_tokenizer_dir() -> Path:
@@ -151,14 +144,4 @@ def qwen_tokenizer_dir() -> Path:
     if (target / "tokenizer.json").exists() and (target / "tokenizer_config.json").exists():
         _refresh_template(target)
         return target
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        _build(tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)  # another process may have won the race: theirs is the same
-    except OSError:
-        if not (target / "tokenizer.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_dir_atomic(target, _build, "tokenizer.json")

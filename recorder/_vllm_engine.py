@@ -9,6 +9,7 @@ vLLM's default (`logprobs_mode=raw_logprobs`) is the raw model distribution.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -19,8 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from ._engine import EngineError, Generation, SamplingParams
+
+
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    """orjson (~10x faster than the stdlib json behind httpx's ``json=``); stdlib for what orjson
+    refuses (an integer beyond 64 bits, e.g. a huge seed), so vLLM still gets to answer that 400 itself."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 class VLLMEngine:
@@ -42,6 +56,9 @@ class VLLMEngine:
             timeout=httpx.Timeout(timeout, connect=10.0),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        # Absolute URLs built once: httpx re-parses and re-joins a relative path against base_url on every
+        # request (~75 us of pure Python per call); an httpx.URL that is already absolute is used as is.
+        self._urls: dict[str, httpx.URL] = {}
 
     async def start(self) -> None:
         data = await self._call("GET", "/v1/models")
@@ -72,7 +89,7 @@ class VLLMEngine:
             body["seed"] = params.seed
         if params.stop_token_ids:
             body["stop_token_ids"] = list(params.stop_token_ids)
-        data = await self._call("POST", "/v1/completions", json=body)
+        data = await self._call("POST", "/v1/completions", body)
         try:
             choice = data["choices"][0]
             ids = [int(t) for t in choice["token_ids"]]
@@ -93,9 +110,15 @@ class VLLMEngine:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.upstream + path)
         try:
-            r = await self._client.request(method, path, **kw)
+            if body is None:
+                r = await self._client.request(method, url)
+            else:
+                r = await self._client.request(method, url, content=_dumps(body), headers=_JSON_HEADERS)
         except httpx.TimeoutException as e:
             raise EngineError(f"vLLM at {self.upstream} did not answer {path} within {self._timeout:g} s", 504,
                               "upstream_timeout") from e
@@ -111,8 +134,8 @@ class VLLMEngine:
             raise EngineError(f"vLLM answered {r.status_code}: {msg[:500]}", status,
                               "invalid_request_error" if status < 500 else "upstream_error")
         try:
-            return r.json()
-        except ValueError as e:
+            return orjson.loads(r.content)
+        except ValueError as e:  # orjson.JSONDecodeError is a ValueError
             raise EngineError(f"vLLM at {self.upstream} answered non-JSON: {r.text[:200]!r}", 502, "upstream_error") from e
 
 

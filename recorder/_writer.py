@@ -93,7 +93,7 @@ class _TableBuffer:
         arrays = []
         for col in self.columns:
             values = self.values[col.name]
-            if col.type in (pa.list_(pa.int32()), pa.list_(pa.float32())):
+            if not col.nullable and col.type in (pa.list_(pa.int32()), pa.list_(pa.float32())):
                 arrays.append(_list_array(values, col.type))
             else:
                 arrays.append(pa.array(values, type=col.type))
@@ -247,7 +247,6 @@ class TapeWriter:
                 "new_messages_json": _json(new_messages),
                 "tools_json": stored_tools,
                 "output_json": _json(rec.output),
-                "output_item_index": rec.output_item_index,
             }
             nbytes = 4 * (prompt.size - prefix_len + 2 * gen.size) + 64
             for k in ("new_messages_json", "tools_json", "output_json"):
@@ -291,6 +290,7 @@ class TapeWriter:
                 "input_json": _json(rec.input),
                 "response_json": _json(rec.response),
                 "extras_json": _json(rec.extras),
+                "call_item_indices": rec.call_item_indices,
                 "gym_keys": rec.gym_keys,
                 "source": rec.source,
                 "created_at": rec.created_at or datetime.now(timezone.utc),

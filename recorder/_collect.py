@@ -1,0 +1,490 @@
+"""`gymtape record`: collect rollouts from environments straight into a tape.
+
+Sources of rollouts, both producing NeMo Gym rollout lines:
+
+* a running Gym agent server: POST ``{agent_url}/run`` with a task line; the answer is the
+  verifier's rollout line (``response`` with token fields on its output items);
+* a built-in environment (recorder._envs): a local agent loop that speaks the protocol of
+  Gym's simple agent against a chat-completions endpoint (message-level token fields carried
+  forward, tool calls executed, verifier reward).
+
+Each line becomes a rollout row plus call rows (recorder._gym.line_to_records). When the model
+server is `gymtape serve` recording into the same tape, its call rows already exist: the
+rollout is joined to them (same rollout id) and no call rows are written twice. The join key
+is the calls' token IDs (docs/record.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from ._envs import BuiltinEnv, builtin_env
+from ._errors import GymtapeError
+from ._gym import line_to_records
+from ._reader import Tape
+from ._records import RolloutRecord
+from ._writer import TapeWriter
+
+TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+
+
+class RecordConfigError(GymtapeError):
+    """A record configuration (YAML or flags) is invalid."""
+
+
+@dataclass(kw_only=True)
+class EnvConfig:
+    """One environment to collect from; nothing about an environment needs a code change."""
+
+    #: Name stored in the tape's `env` column and used by --select.
+    name: str
+    #: Gym task JSONL (default for built-in envs: their train split).
+    tasks: Path | None = None
+    #: Rollouts per task.
+    repeats: int = 1
+    #: A running Gym agent server (POST {agent_url}/run) ...
+    agent_url: str | None = None
+    #: ... or a built-in environment name (see `gymtape record --list-envs`).
+    builtin: str | None = None
+    #: Built-in envs: the chat-completions base URL (e.g. http://127.0.0.1:8000/v1) and model name.
+    model_url: str | None = None
+    model: str = "default"
+    #: gymtape serve to join rollouts with (its /gymtape/lookup); default: model_url for built-in envs.
+    server_url: str | None = None
+    #: Sampling overrides: temperature, top_p, max_tokens, seed.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    #: Share of this env in the interleaved work order (and under --limit).
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if (self.agent_url is None) == (self.builtin is None):
+            raise RecordConfigError(f"env {self.name}: give exactly one of agent_url or builtin")
+        if self.builtin is not None:
+            try:
+                env = builtin_env(self.builtin)
+            except KeyError as e:
+                raise RecordConfigError(str(e.args[0])) from None
+            if self.model_url is None:
+                raise RecordConfigError(f"env {self.name}: a built-in env needs model_url (the chat endpoint)")
+            self.tasks = self.tasks or env.tasks_path("train")
+        if self.tasks is None or not Path(self.tasks).is_file():
+            raise RecordConfigError(f"env {self.name}: task file {self.tasks} not found")
+        if self.repeats < 1 or self.weight <= 0:
+            raise RecordConfigError(f"env {self.name}: repeats must be >= 1 and weight > 0")
+        unknown = set(self.sampling) - {"temperature", "top_p", "max_tokens", "seed"}
+        if unknown:
+            raise RecordConfigError(f"env {self.name}: unknown sampling keys {sorted(unknown)}")
+
+
+@dataclass(kw_only=True)
+class RecordConfig:
+    tape: Path
+    envs: list[EnvConfig]
+    concurrency: int = 8
+    #: Seconds one rollout may take (all its calls) before it is retried or failed.
+    timeout: float = 600.0
+    #: Retries on transient errors (connection errors, 5xx, timeouts), with backoff.
+    retries: int = 2
+    #: Skip (env, task, repeat) triples already on the tape.
+    resume: bool = False
+    #: Stop after this many rollouts (in the weighted, interleaved order).
+    limit: int | None = None
+
+
+def load_config(path: Path, *, tape: Path | None = None, select: list[str] | None = None) -> RecordConfig:
+    """Read a run YAML: `tape`, `concurrency`, ..., and `environments:` (a list of EnvConfig fields)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecordConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("environments"), list):
+        raise RecordConfigError(f"{path}: expected a mapping with an `environments:` list")
+    base = path.parent
+    defaults = {k: data[k] for k in ("model_url", "model", "server_url") if k in data}
+    envs = []
+    for i, e in enumerate(data["environments"]):
+        if not isinstance(e, dict) or "name" not in e:
+            raise RecordConfigError(f"{path}: environments[{i}] needs a name")
+        e = {**defaults, **e}
+        if e.get("tasks") is not None:
+            e["tasks"] = (base / e["tasks"]) if not Path(e["tasks"]).is_absolute() else Path(e["tasks"])
+        try:
+            envs.append(EnvConfig(**e))
+        except TypeError as err:
+            raise RecordConfigError(f"{path}: environments[{i}]: {err}") from None
+    if select:
+        names = {e.name for e in envs}
+        missing = set(select) - names
+        if missing:
+            raise RecordConfigError(f"--select {','.join(sorted(missing))}: not in {path} (has {', '.join(sorted(names))})")
+        envs = [e for e in envs if e.name in select]
+    tape_path = tape or (base / data["tape"] if data.get("tape") else None)
+    if tape_path is None:
+        raise RecordConfigError(f"{path}: no tape given (set `tape:` or pass --tape)")
+    known = {"concurrency", "timeout", "retries", "limit"}
+    return RecordConfig(tape=Path(tape_path), envs=envs, **{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RecordReport:
+    ok: int = 0
+    truncated: int = 0
+    failed: int = 0
+    skipped: int = 0
+    joined: int = 0
+    tokens: int = 0
+    reward_sum: float = 0.0
+    rewarded: int = 0
+    elapsed_s: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.truncated + self.failed
+
+    @property
+    def mean_reward(self) -> float | None:
+        return self.reward_sum / self.rewarded if self.rewarded else None
+
+
+@dataclass(frozen=True)
+class _Item:
+    env: EnvConfig
+    task_index: int
+    repeat: int
+    task: dict[str, Any]
+
+
+class _Transient(Exception):
+    """Worth retrying: connection trouble, 5xx, a timeout."""
+
+
+class _Permanent(Exception):
+    """Not worth retrying: the request itself is wrong (4xx), or the answer is unusable."""
+
+
+def work_items(envs: list[EnvConfig]) -> list[_Item]:
+    """All (env, task, repeat) triples, interleaved by weight (deterministic)."""
+    keyed = []
+    for env in envs:
+        lines = [orjson.loads(x) for x in Path(env.tasks).read_bytes().splitlines() if x.strip()]  # type: ignore[arg-type]
+        k = 0
+        for repeat in range(env.repeats):
+            for ti, task in enumerate(lines):
+                keyed.append(((k + 0.5) / env.weight, env.name, _Item(env, ti, repeat, task)))
+                k += 1
+    keyed.sort(key=lambda x: (x[0], x[1]))
+    return [x[2] for x in keyed]
+
+
+def _base(url: str) -> str:
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        r = await client.post(url, content=orjson.dumps(body), headers={"content-type": "application/json"})
+    except httpx.HTTPError as e:
+        raise _Transient(f"{url}: {type(e).__name__}: {e}") from e
+    if r.status_code >= 500:
+        raise _Transient(f"{url} answered {r.status_code}: {r.text[:300]}")
+    if r.status_code >= 400:
+        raise _Permanent(f"{url} answered {r.status_code}: {r.text[:300]}")
+    try:
+        return r.json()
+    except ValueError as e:
+        raise _Permanent(f"{url} answered non-JSON: {r.text[:200]!r}") from e
+
+
+def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Responses-API tools ({type, name, parameters}) → Chat Completions tools."""
+    if not tools:
+        return None
+    out = []
+    for t in tools:
+        if "function" in t:
+            out.append(t)
+        else:
+            out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}})
+    return out
+
+
+def _token_fields(resp: dict[str, Any], choice: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    """The three token fields, in Gym's order of preference: on the message, else vLLM's
+    top-level ``prompt_token_ids`` + ``choices[0].token_ids`` with ``logprobs.content``."""
+    if all(msg.get(f) is not None for f in TOKEN_FIELDS):
+        return {f: msg[f] for f in TOKEN_FIELDS}
+    gen = choice["token_ids"]
+    logprobs = [c["logprob"] for c in choice["logprobs"]["content"]]
+    if len(logprobs) != len(gen):
+        raise ValueError(f"{len(gen)} token IDs but {len(logprobs)} logprobs")
+    return {"prompt_token_ids": resp["prompt_token_ids"], "generation_token_ids": gen, "generation_log_probs": logprobs}
+
+
+async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig, task: dict[str, Any],
+                      task_index: int, repeat: int) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
+    """One episode of Gym's simple-agent loop against a chat endpoint; returns (Gym line, join info per call)."""
+    rcp = task.get("responses_create_params") or {}
+    messages: list[dict[str, Any]] = [
+        {"role": m.get("role", "user"), "content": m.get("content")} for m in rcp.get("input", []) if isinstance(m, dict)
+    ]
+    tools = _chat_tools(rcp.get("tools"))
+    params = {"temperature": rcp.get("temperature", 1.0), **{k: v for k, v in cfg.sampling.items()}}
+    output: list[dict[str, Any]] = []
+    joins: list[dict[str, Any] | None] = []
+    final_text: str | None = None
+    status = "completed"
+    model_name = cfg.model
+    for step in range(env.max_steps):
+        body = {"model": cfg.model, "messages": messages, **params, "logprobs": True, "top_logprobs": 0,
+                "return_tokens_as_token_ids": True, "return_token_ids": True}
+        if tools:
+            body["tools"] = tools
+        resp = await _post(client, f"{cfg.model_url.rstrip('/')}/chat/completions", body)  # type: ignore[union-attr]
+        try:
+            choice = resp["choices"][0]
+            msg = choice["message"]
+            fields = _token_fields(resp, choice, msg)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise _Permanent(f"the chat endpoint answered without token IDs and logprobs ({e!r}); use gymtape "
+                             "serve, or vLLM with return_token_ids") from e
+        model_name = resp.get("model", model_name)
+        joins.append(resp.get("gymtape"))
+        calls = msg.get("tool_calls") or []
+        items: list[dict[str, Any]] = []
+        if msg.get("reasoning_content"):
+            items.append({"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:12]}",
+                          "summary": [{"type": "summary_text", "text": msg["reasoning_content"]}]})
+        if msg.get("content") or not calls:
+            items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex[:12]}", "role": "assistant",
+                          "status": "completed",
+                          "content": [{"type": "output_text", "text": msg.get("content") or "", "annotations": []}]})
+        for c in calls:
+            items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:12]}", "call_id": c["id"],
+                          "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": "completed"})
+        items[-1].update(fields)  # the last item of each model call carries its token fields (as in Gym)
+        output.extend(items)
+        # Carry the message forward exactly as returned, token fields included.
+        messages.append({**{k: v for k, v in msg.items() if v is not None}, **fields})
+        if choice.get("finish_reason") == "length":
+            status = "incomplete"
+            final_text = msg.get("content")
+            break
+        if not calls:
+            final_text = msg.get("content")
+            break
+        for c in calls:
+            try:
+                args = orjson.loads(c["function"]["arguments"] or "{}")
+            except orjson.JSONDecodeError:
+                args = {}
+            result = env.call_tool(c["function"]["name"], args if isinstance(args, dict) else {}, task)
+            messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
+            output.append({"type": "function_call_output", "call_id": c["id"], "output": result})
+    reward, extras = env.verify(task, final_text)
+    line = {
+        "responses_create_params": rcp,
+        "response": {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": time.time(),
+                     "model": model_name, "output": output, "status": status,
+                     "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None},
+        "reward": reward,
+        **{k: v for k, v in task.items() if k != "responses_create_params"},
+        **extras,
+        "_ng_task_index": task_index,
+        "_ng_rollout_index": repeat,
+        "agent_ref": {"type": "gymtape_builtin", "name": cfg.name},
+    }
+    return line, joins
+
+
+async def run_agent(client: httpx.AsyncClient, cfg: EnvConfig, task: dict[str, Any], task_index: int,
+                    repeat: int) -> dict[str, Any]:
+    """One rollout from a Gym agent server's /run (the verifier's answer is a rollout line)."""
+    body = dict(task)
+    rcp = dict(body.get("responses_create_params") or {})
+    for k, v in cfg.sampling.items():
+        rcp["max_output_tokens" if k == "max_tokens" else k] = v
+    body["responses_create_params"] = rcp
+    line = await _post(client, f"{cfg.agent_url.rstrip('/')}/run", body)  # type: ignore[union-attr]
+    if not isinstance(line, dict) or "response" not in line:
+        raise _Permanent(f"{cfg.agent_url}/run answered without a response object")
+    line.setdefault("_ng_task_index", task_index)
+    line.setdefault("_ng_rollout_index", repeat)
+    return line
+
+
+async def _lookup(client: httpx.AsyncClient, server_url: str, line: dict[str, Any]) -> list[dict[str, Any] | None]:
+    calls = [{"prompt_token_ids": it["prompt_token_ids"], "generation_token_ids": it["generation_token_ids"]}
+             for it in (line.get("response") or {}).get("output", []) if isinstance(it, dict) and "prompt_token_ids" in it]
+    if not calls:
+        return []
+    try:
+        return (await _post(client, f"{_base(server_url)}/gymtape/lookup", {"calls": calls}))["calls"]
+    except (_Transient, _Permanent, KeyError):
+        return [None] * len(calls)
+
+
+def _joined_rollout_id(joins: list[dict[str, Any] | None]) -> str | None:
+    """The server's rollout id when every call was recorded by it as one rollout, in order."""
+    if not joins or any(j is None for j in joins):
+        return None
+    ids = {j["rollout_id"] for j in joins}  # type: ignore[index]
+    indices = [j["call_index"] for j in joins]  # type: ignore[index]
+    return ids.pop() if len(ids) == 1 and indices == list(range(indices[0], indices[0] + len(indices))) else None
+
+
+class Recorder:
+    """Runs the work list with bounded concurrency and writes each result as it arrives."""
+
+    def __init__(self, config: RecordConfig, *, on_result: Callable[[RecordReport, int], None] | None = None) -> None:
+        for env in config.envs:
+            env.validate()
+        if not config.envs:
+            raise RecordConfigError("no environments to record (check --select)")
+        self.config = config
+        self.report = RecordReport()
+        self.on_result = on_result
+        self._same_tape: dict[str, bool] = {}
+
+    def pending(self) -> list[_Item]:
+        items = work_items(self.config.envs)
+        if self.config.limit is not None:  # the same first N on a resumed run, so it finishes that set
+            items = items[: self.config.limit]
+        if self.config.resume and (self.config.tape / "tape.json").exists():
+            done = set(Tape(self.config.tape).rollouts().select("env", "task_index", "rollout_index").collect().rows())
+            before = len(items)
+            items = [i for i in items if (i.env.name, i.task_index, i.repeat) not in done]
+            self.report.skipped = before - len(items)
+        return items
+
+    async def run(self, items: list[_Item]) -> RecordReport:
+        t0 = time.perf_counter()
+        writer = TapeWriter(self.config.tape, created_by="gymtape record", flush_rows=256, flush_seconds=2.0)
+        limits = httpx.Limits(max_connections=self.config.concurrency * 2, max_keepalive_connections=self.config.concurrency * 2)
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        for it in items:
+            queue.put_nowait(it)
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(self.config.timeout, connect=10), limits=limits) as client:
+                workers = [asyncio.create_task(self._worker(client, queue, writer))
+                           for _ in range(min(self.config.concurrency, max(1, len(items))))]
+                await asyncio.gather(*workers)
+        except BaseException:
+            writer.abort() if not writer.closed else None
+            raise
+        writer.close()
+        self.report.elapsed_s = time.perf_counter() - t0
+        return self.report
+
+    async def _worker(self, client: httpx.AsyncClient, queue: asyncio.Queue[_Item], writer: TapeWriter) -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            self._write(item, await self._attempt(client, item), writer)
+
+    async def _attempt(self, client: httpx.AsyncClient, item: _Item) -> tuple[dict[str, Any] | None, list[Any], str]:
+        reason = ""
+        for attempt in range(self.config.retries + 1):
+            try:
+                return await asyncio.wait_for(self._one(client, item), self.config.timeout) + ("",)  # type: ignore[return-value]
+            except (_Transient, asyncio.TimeoutError) as e:
+                reason = str(e) or f"timed out after {self.config.timeout:g} s"
+                if attempt < self.config.retries:
+                    await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (1 + random.random()))
+            except _Permanent as e:
+                reason = str(e)
+                break
+        return None, [], reason
+
+    async def _records_here(self, client: httpx.AsyncClient, server_url: str | None) -> bool:
+        """Whether the model server is a gymtape serve recording into this very tape (then join)."""
+        if server_url is None:
+            return False
+        if server_url not in self._same_tape:
+            try:
+                r = await client.get(f"{_base(server_url)}/health")
+                tape = r.json().get("recording", {}).get("tape") if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                tape = None
+            self._same_tape[server_url] = tape is not None and Path(tape) == self.config.tape.resolve()
+        return self._same_tape[server_url]
+
+    async def _one(self, client: httpx.AsyncClient, item: _Item) -> tuple[dict[str, Any], list[Any]]:
+        env = item.env
+        server = env.server_url or (env.model_url if env.builtin is not None else None)
+        join = await self._records_here(client, server)
+        if env.builtin is not None:
+            line, joins = await run_builtin(client, builtin_env(env.builtin), env, item.task, item.task_index, item.repeat)
+            if join and any(j is None for j in joins):
+                joins = await _lookup(client, server, line)  # type: ignore[arg-type]
+        else:
+            line = await run_agent(client, env, item.task, item.task_index, item.repeat)
+            joins = await _lookup(client, server, line) if join else []  # type: ignore[arg-type]
+        return line, joins if join else []
+
+    def _write(self, item: _Item, result: tuple[dict[str, Any] | None, list[Any], str], writer: TapeWriter) -> None:
+        line, joins, reason = result
+        r = self.report
+        if line is None:
+            rcp = item.task.get("responses_create_params")
+            writer.add_rollout(RolloutRecord(
+                rollout_id=uuid.uuid4().hex, env=item.env.name, task_index=item.task_index, rollout_index=item.repeat,
+                group_key=f"{item.env.name}#{item.task_index}", status="failed", status_reason=reason[:2000],
+                input=rcp, source=f"gymtape record: {item.env.agent_url or item.env.builtin}"))
+            r.failed += 1
+            r.failures.append(f"{item.env.name} task {item.task_index} repeat {item.repeat}: {reason[:300]}")
+        else:
+            raw = orjson.dumps(line)
+            rollout, calls = line_to_records(raw, orjson.loads(raw), f"gymtape record: {item.env.agent_url or item.env.builtin}")
+            rollout.env = item.env.name
+            rollout.group_key = f"{item.env.name}#{item.task_index}"
+            joined = _joined_rollout_id(joins)
+            if joined is not None:
+                # gymtape serve recorded these calls: point the rollout at them instead of copying them.
+                rollout.rollout_id = joined
+                rollout.num_calls = len(calls)
+                rollout.prompt_tokens = sum(len(c.prompt_ids) for c in calls)
+                rollout.generation_tokens = sum(len(c.generation_ids) for c in calls)
+                versions = [j["policy_version"] for j in joins]
+                rollout.min_policy_version, rollout.max_policy_version = min(versions), max(versions)
+                rollout.token_status = "ok" if all(len(c.generation_ids) for c in calls) else "partial"
+                r.joined += 1
+            else:
+                for c in calls:
+                    writer.add_call(c)
+            writer.add_rollout(rollout)
+            r.tokens += sum(len(c.generation_ids) for c in calls)
+            if rollout.status == "truncated":
+                r.truncated += 1
+            else:
+                r.ok += 1
+            if rollout.reward is not None:
+                r.reward_sum += rollout.reward
+                r.rewarded += 1
+        if self.on_result is not None:
+            self.on_result(r, 1)
+
+
+def record(config: RecordConfig, *, on_result: Callable[[RecordReport, int], None] | None = None,
+           on_start: Callable[[int, int], None] | None = None) -> RecordReport:
+    """Collect every pending (env, task, repeat) into the tape; see :class:`Recorder`."""
+    rec = Recorder(config, on_result=on_result)
+    items = rec.pending()
+    if on_start is not None:
+        on_start(len(items), rec.report.skipped)
+    return asyncio.run(rec.run(items))

@@ -1,0 +1,140 @@
+"""Built-in environments: small verifiable tasks that need no NeMo Gym install.
+
+Each environment has Gym-format task files (``datasets/envs/<name>/{train,validation}.jsonl``:
+``responses_create_params`` with input messages and tools, plus verifier fields), tools the
+agent loop executes, and a verifier that turns the final answer into a reward. They exist so a
+user with only gymtape sees the whole loop (serve → record → replay → train) on a laptop.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ENVS_DIR = Path(__file__).resolve().parents[1] / "datasets" / "envs"
+SPLITS = ("train", "validation")
+_INT = re.compile(r"-?\d+")
+
+
+def last_int(text: str | None) -> int | None:
+    found = _INT.findall(text or "")
+    return int(found[-1]) if found else None
+
+
+def _verify_number(task: dict[str, Any], answer: str | None) -> tuple[float, dict[str, Any]]:
+    got = last_int(answer)
+    expected = int(task["expected_answer"])
+    return float(got == expected), {"extracted_answer": got}
+
+
+_OPS: dict[type, Callable[..., Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+
+
+def safe_eval(expression: str) -> int:
+    """Integer arithmetic only (+ - * // %, parentheses): no names, calls or attributes."""
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Mult) and abs(left) * abs(right) > 10**18:
+                raise ValueError("result too large")
+            return _OPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.operand))
+        raise ValueError(f"unsupported expression element: {type(node).__name__}")
+
+    return ev(ast.parse(expression, mode="eval"))
+
+
+def _calculator(args: dict[str, Any], task: dict[str, Any]) -> str:
+    expr = args.get("expression")
+    if not isinstance(expr, str):
+        return "error: pass {\"expression\": \"<integer arithmetic>\"}"
+    try:
+        return str(safe_eval(expr))
+    except (ValueError, SyntaxError, ZeroDivisionError, RecursionError) as e:
+        return f"error: {e}"
+
+
+CALCULATOR_TOOL = {
+    "type": "function",
+    "name": "calculator",
+    "description": "Evaluate an integer arithmetic expression with + - * // % and parentheses.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+}
+
+
+@dataclass(frozen=True)
+class BuiltinEnv:
+    name: str
+    description: str
+    max_steps: int
+    tools: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]]
+    verify: Callable[[dict[str, Any], str | None], tuple[float, dict[str, Any]]]
+    make_task: Callable[[random.Random], dict[str, Any]]
+
+    def tasks_path(self, split: str = "train") -> Path:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return ENVS_DIR / self.name / f"{split}.jsonl"
+
+    def call_tool(self, name: str, args: dict[str, Any], task: dict[str, Any]) -> str:
+        tool = self.tools.get(name)
+        return tool(args, task) if tool else f"error: no tool named {name!r}; available: {', '.join(self.tools)}"
+
+
+def _addition_task(rng: random.Random) -> dict[str, Any]:
+    a, b = rng.randint(2, 60), rng.randint(2, 60)
+    return {
+        "responses_create_params": {"input": [
+            {"role": "system", "content": "You are a careful math assistant. End with the final number.", "type": "message"},
+            {"role": "user", "content": f"What is {a} + {b}?", "type": "message"},
+        ]},
+        "expected_answer": str(a + b),
+    }
+
+
+def _calculator_task(rng: random.Random) -> dict[str, Any]:
+    a, b, c = rng.randint(11, 99), rng.randint(11, 99), rng.randint(2, 30)
+    return {
+        "responses_create_params": {"input": [
+            {"role": "system", "content": "Use the calculator tool for arithmetic, then give the final number.",
+             "type": "message"},
+            {"role": "user", "content": f"What is {a} * {b} + {c}?", "type": "message"},
+        ], "tools": [CALCULATOR_TOOL]},
+        "expected_answer": str(a * b + c),
+    }
+
+
+BUILTIN_ENVS: dict[str, BuiltinEnv] = {
+    "addition": BuiltinEnv("addition", "single step: add two numbers, verified by the last integer in the answer",
+                           max_steps=1, tools={}, verify=_verify_number, make_task=_addition_task),
+    "calculator": BuiltinEnv("calculator", "multi-step: call a calculator tool, then answer; verified like addition",
+                             max_steps=4, tools={"calculator": _calculator}, verify=_verify_number,
+                             make_task=_calculator_task),
+}
+
+
+def builtin_env(name: str) -> BuiltinEnv:
+    try:
+        return BUILTIN_ENVS[name]
+    except KeyError:
+        raise KeyError(f"no built-in environment {name!r}; built-in: {', '.join(BUILTIN_ENVS)}") from None
+
+
+def make_tasks(env: BuiltinEnv, split: str, n: int) -> list[dict[str, Any]]:
+    """The bundled task files, reproducibly: the split name seeds the generator."""
+    rng = random.Random(f"{env.name}/{split}")
+    return [env.make_task(rng) for _ in range(n)]

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Start/stop a real NeMo Gym environment (nemo-gym 0.4.0, installed by install_gym.sh) against an
+# OpenAI-compatible model server such as `gymtape serve`.
+#
+#   gym_env.sh start GYM_VENV MODEL_URL MODEL_NAME LOGDIR   -> prints the agent base URL on stdout
+#   gym_env.sh stop LOGDIR                                  -> stops everything `start` started
+#
+# MODEL_URL is the OpenAI base URL including /v1 (e.g. http://127.0.0.1:8000/v1).
+#
+# `start` runs `gym env start` with vllm_model_for_training.yaml (token IDs on) in its own session
+# and process group (setsid), writes its PID to LOGDIR/gym.pid, and returns once the agent server
+# answers HTTP (condition polling with a deadline, no fixed sleeps). Everything it creates lives
+# under LOGDIR:
+#   LOGDIR/gym.log        gym env start's output (all servers' output too)
+#   LOGDIR/servers/*.log  one log per Gym server (nemo_gym_log_dir)
+#   LOGDIR/work/          Gym's working dir: cwd of `gym env start`; holds the per-server `.venv`
+#                         symlinks to GYM_VENV (so no uv sub-venvs are built), cache/, results/
+#   LOGDIR/ray.tmpdir     path of the private Ray temp dir (RAY_TMPDIR=/tmp/gymray.XXXXXX; kept
+#                         short because Ray puts unix sockets in it, max ~107 chars)
+#   LOGDIR/head_url, LOGDIR/agent_url
+#
+# The Gym head server listens on 127.0.0.1:$GYM_HEAD_PORT (default 11000, Gym's default; other
+# Gym servers get random ports in 10001-20000). `gym eval run --no-serve` finds the servers through
+# the head server, so with a non-default port pass `+head_server.port=$GYM_HEAD_PORT` to it too.
+#
+# Knobs (environment): GYM_HEAD_PORT (11000), GYM_START_TIMEOUT (300 s), GYM_STOP_TIMEOUT (30 s),
+# GYM_RESOURCES_SERVER (example_single_tool_call), GYM_AGENT (<resources server>_simple_agent),
+# GYM_MODEL_API_KEY (dummy).
+set -euo pipefail
+
+die() { echo "gym_env.sh: $*" >&2; exit 1; }
+
+# PIDs of every process in session $1 (setsid makes the gym PID the session id; processes that
+# move to another process group, e.g. Ray's, stay in the session).
+session_pids() { ps -eo pid=,sid= | awk -v s="$1" '$2 == s { print $1 }'; }
+
+# PIDs of processes whose command line mentions the private Ray temp dir (Ray daemons).
+ray_pids() { [ -n "${1:-}" ] && pgrep -f -- "$1" || true; }
+
+wait_gone() {  # wait_gone SECONDS SID RAYDIR: poll until no process of ours is left
+  local deadline=$((SECONDS + $1))
+  while [ $SECONDS -lt $deadline ]; do
+    [ -z "$(session_pids "$2")$(ray_pids "$3")" ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+cmd_start() {
+  [ $# -eq 4 ] || die "usage: gym_env.sh start GYM_VENV MODEL_URL MODEL_NAME LOGDIR"
+  local venv model_url=$2 model_name=$3 logdir
+  venv=$(cd "$1" && pwd) || die "no venv at $1"
+  [ -x "$venv/bin/gym" ] || die "$venv has no gym CLI (run install_gym.sh $venv)"
+  mkdir -p "$4" && logdir=$(cd "$4" && pwd)
+  local head_port=${GYM_HEAD_PORT:-11000}
+  local rs=${GYM_RESOURCES_SERVER:-example_single_tool_call}
+  local agent=${GYM_AGENT:-${rs}_simple_agent}
+  local timeout=${GYM_START_TIMEOUT:-300}
+  local head_url="http://127.0.0.1:$head_port"
+
+  if [ -f "$logdir/gym.pid" ] && kill -0 "$(cat "$logdir/gym.pid")" 2>/dev/null; then
+    die "gym already running from $logdir (pid $(cat "$logdir/gym.pid"))"
+  fi
+  if curl -s -o /dev/null --max-time 2 "$head_url/"; then
+    die "something already listens on $head_url (another Gym?); set GYM_HEAD_PORT"
+  fi
+
+  # Point each server's .venv at GYM_VENV: with +skip_venv_if_present=true Gym then only
+  # `source`s it instead of building a uv venv per server. In a wheel install Gym puts the venvs
+  # under its cwd: <cwd>/<server type>/<server name>/.venv.
+  local work="$logdir/work"
+  local d
+  for d in "resources_servers/$rs" responses_api_agents/simple_agent responses_api_models/vllm_model; do
+    mkdir -p "$work/$d"
+    ln -sfn "$venv" "$work/$d/.venv"
+  done
+
+  local raydir
+  raydir=$(mktemp -d /tmp/gymray.XXXXXX)
+  echo "$raydir" > "$logdir/ray.tmpdir"
+  echo "$head_url" > "$logdir/head_url"
+  rm -f "$logdir/agent_url"
+
+  (
+    cd "$work"
+    export RAY_AUTH_MODE=disabled UV_PYTHON_DOWNLOADS=never RAY_TMPDIR="$raydir" \
+      RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 PATH="$venv/bin:$PATH"
+    exec setsid "$venv/bin/gym" env start \
+      --resources-server "$rs" \
+      --config responses_api_models/vllm_model/configs/vllm_model_for_training.yaml \
+      --model-url "$model_url" --model "$model_name" --model-api-key "${GYM_MODEL_API_KEY:-dummy}" \
+      +skip_venv_if_present=true \
+      "+head_server.host=127.0.0.1" "+head_server.port=$head_port" \
+      "+nemo_gym_log_dir=$logdir/servers"
+  ) </dev/null >"$logdir/gym.log" 2>&1 &
+  local pid=$!
+  echo "$pid" > "$logdir/gym.pid"
+
+  # Readiness: the head server lists the agent with its URL, and the agent answers GET /.
+  local deadline=$((SECONDS + timeout)) url=""
+  while [ $SECONDS -lt $deadline ]; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 60 "$logdir/gym.log" >&2
+      die "gym env start exited early (log: $logdir/gym.log)"
+    fi
+    if [ -z "$url" ]; then
+      url=$(curl -s --max-time 2 "$head_url/server_instances" 2>/dev/null | "$venv/bin/python" -c '
+import json, sys
+try:
+    rows = json.load(sys.stdin)
+except ValueError:
+    sys.exit()
+for r in rows:
+    if r.get("config_path") == sys.argv[1] and r.get("url"):
+        print(r["url"])
+' "$agent" || true)
+    fi
+    if [ -n "$url" ] && curl -sf -o /dev/null --max-time 2 "$url/"; then
+      echo "$url" > "$logdir/agent_url"
+      echo "$url"
+      return 0
+    fi
+    sleep 0.5
+  done
+  tail -n 60 "$logdir/gym.log" >&2
+  cmd_stop "$logdir" >&2 || true
+  die "agent $agent not ready after ${timeout}s (log: $logdir/gym.log)"
+}
+
+cmd_stop() {
+  [ $# -eq 1 ] || die "usage: gym_env.sh stop LOGDIR"
+  local logdir=$1 pid="" raydir=""
+  [ -f "$logdir/gym.pid" ] && pid=$(cat "$logdir/gym.pid")
+  [ -f "$logdir/ray.tmpdir" ] && raydir=$(cat "$logdir/ray.tmpdir")
+  local timeout=${GYM_STOP_TIMEOUT:-30}
+
+  if [ -n "$pid" ]; then
+    # Graceful: SIGINT to gym's main process only; it SIGINTs its servers, then Ray shuts down
+    # from its atexit hook.
+    kill -INT "$pid" 2>/dev/null || true
+    if ! wait_gone "$timeout" "$pid" "$raydir"; then
+      # Whatever is left of the session (process group and stragglers), then Ray's daemons.
+      local p
+      for p in $(session_pids "$pid") $(ray_pids "$raydir"); do kill -TERM "$p" 2>/dev/null || true; done
+      if ! wait_gone 10 "$pid" "$raydir"; then
+        for p in $(session_pids "$pid") $(ray_pids "$raydir"); do kill -KILL "$p" 2>/dev/null || true; done
+        wait_gone 5 "$pid" "$raydir" || true
+      fi
+    fi
+  fi
+  local left
+  left="$( { [ -n "$pid" ] && session_pids "$pid"; ray_pids "$raydir"; } | tr '\n' ' ')"
+  if [ -n "${left// /}" ]; then
+    ps -o pid,pgid,sid,args -p "${left// /,}" >&2 || true
+    die "processes left behind: $left"
+  fi
+  # Ray's temp dir (sessions, logs, sockets); /tmp/ray is untouched because RAY_TMPDIR was private.
+  case "$raydir" in /tmp/gymray.*) rm -rf "$raydir" ;; esac
+  rm -f "$logdir/gym.pid" "$logdir/ray.tmpdir"
+}
+
+case "${1:-}" in
+  start) shift; cmd_start "$@" ;;
+  stop) shift; cmd_stop "$@" ;;
+  *) die "usage: gym_env.sh start GYM_VENV MODEL_URL MODEL_NAME LOGDIR | stop LOGDIR" ;;
+esac
