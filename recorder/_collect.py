@@ -277,8 +277,9 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
                           "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": "completed"})
         items[-1].update(fields)  # the last item of each model call carries its token fields (as in Gym)
         output.extend(items)
-        # Carry the message forward exactly as returned, token fields included.
-        messages.append({**{k: v for k, v in msg.items() if v is not None}, **fields})
+        # Carry the message forward exactly as returned: with its token fields when the server put
+        # them on the message (gymtape serve splices them), as plain chat otherwise.
+        messages.append({k: v for k, v in msg.items() if v is not None})
         if choice.get("finish_reason") == "length":
             status = "incomplete"
             final_text = msg.get("content")
