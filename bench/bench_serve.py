@@ -57,11 +57,15 @@ HEADERS = {"content-type": "application/json"}
 
 
 def chat_body(i: int, max_tokens: int) -> bytes:
-    """Request i: a new conversation (no token fields), so every call through gymtape starts a rollout."""
+    """Request i: a new conversation (no token fields), so every call through gymtape starts a rollout.
+
+    The request number is part of the user message, so no two calls share (prompt, generation) IDs:
+    each one adds its own entry to gymtape's rollout tracking, as distinct rollouts do in real use.
+    """
     return orjson.dumps({
         "model": SERVED,
         "messages": [{"role": "system", "content": SYSTEMS[i % len(SYSTEMS)]},
-                     {"role": "user", "content": USERS[i % len(USERS)]}],
+                     {"role": "user", "content": f"{USERS[i % len(USERS)]} (#{i})"}],
         "max_tokens": max_tokens,
         "temperature": 1.0,
         "seed": 1000 + i,
@@ -159,7 +163,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=800, help="requests per throughput run (concurrency 32)")
     ap.add_argument("--memory-calls", type=int, default=5000, help="calls through gymtape for the RSS check")
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=4, help="max_tokens of the latency and throughput requests")
     ap.add_argument("--quick", action="store_true", help="smoke run: few requests (the targets are then noisy)")
     ap.add_argument("--vllm-url", help="use this running vLLM (serving the default model as 'smol') instead of starting one")
     args = ap.parse_args()
@@ -217,7 +221,7 @@ def main() -> int:
         print(f"# throughput: {args.requests} requests, {c} in flight, max_tokens {args.max_tokens}; "
               "direct, gymtape, direct, gymtape; best of each", flush=True)
         bodies = [chat_body(20_000 + i, args.max_tokens) for i in range(args.requests)]
-        warm = bodies[: 2 * c]
+        warm = bodies[:c]
         asyncio.run(load(vllm.url, warm, c))
         asyncio.run(load(gym.url, warm, c))
         best: dict[str, tuple[float, float]] = {}
@@ -233,29 +237,37 @@ def main() -> int:
         print(f"# throughput best: direct {d_rps:.1f} req/s ({d_tps:.0f} tokens/s); "
               f"gymtape {g_rps:.1f} req/s ({g_tps:.0f} tokens/s)")
 
-        # -- memory
+        # -- memory: every call gymtape served counts (all are new rollouts), the earlier phases' included
         pid = gym.proc.pid
         flush_wait = 6.5  # CallLog flushes the tape every 5 s (checked every 1.25 s): sample with buffers published
-        print(f"# memory: {args.memory_calls} new-rollout calls through gymtape, {c} in flight, max_tokens 1-2; "
-              f"RSS of pid {pid} after call {first_sample} and {args.memory_calls} "
-              f"(recorder drained, then {flush_wait} s for the tape flush)", flush=True)
-        mem_bodies = [chat_body(100_000 + i, 1 + i % 2) for i in range(args.memory_calls)]
-        print(f"#   RSS before: {rss_mb(pid):.1f} MB", flush=True)
+        print(f"# memory: new-rollout calls through gymtape up to {args.memory_calls} served in all, {c} in flight, "
+              f"max_tokens 1-2; RSS (VmRSS) of pid {pid} after >= {first_sample} and {args.memory_calls} calls, "
+              f"each once the recorder drained + {flush_wait} s for the tape flush", flush=True)
         t2 = time.perf_counter()
-        asyncio.run(load(gym.url, mem_bodies[:first_sample], c))
-        wait_drained(gym.url)
-        time.sleep(flush_wait)
-        rss_first = rss_mb(pid)
-        print(f"#   RSS after {first_sample} calls: {rss_first:.1f} MB", flush=True)
-        asyncio.run(load(gym.url, mem_bodies[first_sample:], c))
+        sent = 0
+
+        def fill_to(n: int) -> tuple[int, float]:
+            nonlocal sent
+            served = wait_drained(gym.url)["recorded"]
+            if n > served:
+                bodies = [chat_body(100_000 + sent + k, 1 + k % 2) for k in range(n - served)]
+                sent += len(bodies)
+                asyncio.run(load(gym.url, bodies, c))
+            served = wait_drained(gym.url)["recorded"]
+            time.sleep(flush_wait)
+            return served, rss_mb(pid)
+
+        n_first, rss_first = fill_to(first_sample)
+        print(f"#   RSS after {n_first} calls: {rss_first:.1f} MB", flush=True)
+        n_last, rss_last = fill_to(args.memory_calls)
         rec = wait_drained(gym.url)
-        time.sleep(flush_wait)
-        rss_last = rss_mb(pid)
-        print(f"#   RSS after {args.memory_calls} calls: {rss_last:.1f} MB "
-              f"({args.memory_calls / (time.perf_counter() - t2 - 2 * flush_wait):.0f} calls/s; tape: "
-              f"{rec['recorded']} recorded, {rec['errors']} errors)", flush=True)
+        print(f"#   RSS after {n_last} calls: {rss_last:.1f} MB ({sent} calls sent in this phase at "
+              f"{sent / max(1e-9, time.perf_counter() - t2 - 2 * flush_wait):.1f} calls/s; "
+              f"tape: {rec['recorded']} recorded, {rec['errors']} errors)", flush=True)
         growth = rss_last - rss_first
-        print(f"# memory growth per 1,000 calls: {growth / (args.memory_calls - first_sample) * 1000:.2f} MB")
+        print(f"# memory growth: {growth:.2f} MB over {n_last - n_first} calls "
+              f"({growth / max(1, n_last - n_first) * 1000:.2f} MB per 1,000 calls); rollout tracking keeps the "
+              f"last 262,144 calls (CallLog max_tracked), so it grows all through this run")
         print(f"# total wall time {time.perf_counter() - t_start:.0f} s")
 
         ok = [

@@ -373,7 +373,7 @@ class Recorder:
 
     async def run(self, items: list[_Item]) -> RecordReport:
         t0 = time.perf_counter()
-        writer = TapeWriter(self.config.tape, created_by="gymtape record", flush_rows=256, flush_seconds=2.0)
+        writer = TapeWriter(self.config.tape, created_by="gymtape record", flush_rows=256, flush_seconds=5.0)
         limits = httpx.Limits(max_connections=self.config.concurrency * 2, max_keepalive_connections=self.config.concurrency * 2)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         for it in items:
