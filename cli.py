@@ -316,7 +316,10 @@ def serve(
         served_model_name=served_model_name, policy_version=policy_version, vllm_log=vllm_log,
         upstream_timeout=upstream_timeout,
     )
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+    # In-flight requests get 10 s to finish on SIGTERM/SIGINT; then they are cancelled and the
+    # tape writer is closed (a Gym call with thousands of max_tokens must not hold the stop).
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=10)
 
 
 def main() -> None:

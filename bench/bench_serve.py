@@ -11,6 +11,10 @@ return_token_ids: true``. Baseline: the same body POSTed to vLLM's own /v1/chat/
 
 Targets (the serve issue): added latency p50 <= 3 ms at concurrency 1; throughput at
 concurrency 32 >= 0.90x direct; gymtape's RSS grows <= 25 MB between call 1,000 and 5,000.
+
+Sizes: vLLM on 2 CPU cores answers about 3 sequential requests/s (max_tokens 4) and 8-15
+requests/s at concurrency 32, so the defaults (200 pairs, 4 x 256 throughput requests, 5,000
+calls in all, the earlier phases' gymtape calls counting toward them) keep a run near 10 minutes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from _report import machine, target  # noqa: E402
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -56,16 +61,21 @@ USERS = [
 HEADERS = {"content-type": "application/json"}
 
 
-def chat_body(i: int, max_tokens: int) -> bytes:
+def chat_body(i: int, max_tokens: int, *, compact: bool = False) -> bytes:
     """Request i: a new conversation (no token fields), so every call through gymtape starts a rollout.
 
     The request number is part of the user message, so no two calls share (prompt, generation) IDs:
     each one adds its own entry to gymtape's rollout tracking, as distinct rollouts do in real use.
+    ``compact``: a ~20-token prompt instead of ~35 (vLLM on CPU is prefill-bound at max_tokens 1).
     """
+    if compact:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi #{i}"}]
+    else:
+        messages = [{"role": "system", "content": SYSTEMS[i % len(SYSTEMS)]},
+                    {"role": "user", "content": f"{USERS[i % len(USERS)]} (#{i})"}]
     return orjson.dumps({
         "model": SERVED,
-        "messages": [{"role": "system", "content": SYSTEMS[i % len(SYSTEMS)]},
-                     {"role": "user", "content": f"{USERS[i % len(USERS)]} (#{i})"}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 1.0,
         "seed": 1000 + i,
@@ -79,6 +89,13 @@ def chat_body(i: int, max_tokens: int) -> bytes:
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def boot_ci(fn, xs: list[Any], n: int = 1000, seed: int = 0) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """90% percentile-bootstrap interval of fn over resamples of xs."""
+    rng = random.Random(seed)
+    vals = sorted(fn([xs[rng.randrange(len(xs))] for _ in xs]) for _ in range(n))
+    return vals[int(0.05 * n)], vals[int(0.95 * n) - 1]
 
 
 def rss_mb(pid: int) -> float:
@@ -160,15 +177,16 @@ def wait_drained(gym: str, timeout: float = 120) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=200, help="sequential direct/gymtape request pairs")
-    ap.add_argument("--requests", type=int, default=800, help="requests per throughput run (concurrency 32)")
-    ap.add_argument("--memory-calls", type=int, default=5000, help="calls through gymtape for the RSS check")
+    ap.add_argument("--requests", type=int, default=256, help="requests per throughput run (concurrency 32)")
+    ap.add_argument("--memory-calls", type=int, default=5000,
+                    help="calls gymtape serves in all (every phase counts) by the second RSS sample")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=4, help="max_tokens of the latency and throughput requests")
     ap.add_argument("--quick", action="store_true", help="smoke run: few requests (the targets are then noisy)")
     ap.add_argument("--vllm-url", help="use this running vLLM (serving the default model as 'smol') instead of starting one")
     args = ap.parse_args()
     if args.quick:
-        args.pairs, args.requests, args.memory_calls = 20, 128, 500
+        args.pairs, args.requests, args.memory_calls = 20, 64, 600
     first_sample = max(1, args.memory_calls // 5)
 
     print(f"# machine: {machine()}; vLLM, gymtape serve and this client share these cores")
@@ -210,6 +228,10 @@ def main() -> int:
                   f"mean {statistics.mean(xs):.2f} ms")
         print(f"# latency added per pair (gymtape - direct): p50 {pct(diff, 50):.2f} ms  p90 {pct(diff, 90):.2f} ms  "
               f"p99 {pct(diff, 99):.2f} ms")
+        lo, hi = boot_ci(lambda ps: pct([g for _, g in ps], 50) - pct([d for d, _ in ps], 50), list(zip(d_ms, g_ms)))
+        plo, phi = boot_ci(lambda xs: pct(xs, 50), diff)
+        print(f"# latency added, 90% bootstrap intervals: p50(gymtape) - p50(direct) [{lo:.2f}, {hi:.2f}] ms; "
+              f"median of paired differences [{plo:.2f}, {phi:.2f}] ms")
         d_pt = [lat["d"][i] * 1e3 / max(1, lat["d_tok"][i]) for i in range(args.pairs)]
         g_pt = [lat["g"][i] * 1e3 / max(1, lat["g_tok"][i]) for i in range(args.pairs)]
         print(f"# latency per generated token (all pairs): direct p50 {pct(d_pt, 50):.2f} ms/token, "
@@ -241,7 +263,7 @@ def main() -> int:
         pid = gym.proc.pid
         flush_wait = 6.5  # CallLog flushes the tape every 5 s (checked every 1.25 s): sample with buffers published
         print(f"# memory: new-rollout calls through gymtape up to {args.memory_calls} served in all, {c} in flight, "
-              f"max_tokens 1-2; RSS (VmRSS) of pid {pid} after >= {first_sample} and {args.memory_calls} calls, "
+              f"max_tokens 1, compact prompts; RSS (VmRSS) of pid {pid} after >= {first_sample} and {args.memory_calls} calls, "
               f"each once the recorder drained + {flush_wait} s for the tape flush", flush=True)
         t2 = time.perf_counter()
         sent = 0
@@ -250,7 +272,7 @@ def main() -> int:
             nonlocal sent
             served = wait_drained(gym.url)["recorded"]
             if n > served:
-                bodies = [chat_body(100_000 + sent + k, 1 + k % 2) for k in range(n - served)]
+                bodies = [chat_body(100_000 + sent + k, 1, compact=True) for k in range(n - served)]
                 sent += len(bodies)
                 asyncio.run(load(gym.url, bodies, c))
             served = wait_drained(gym.url)["recorded"]

@@ -15,7 +15,7 @@ import queue
 import sys
 import threading
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +41,8 @@ class CallLog:
 
     def __init__(self, tape: Path | None, *, tokenizer: TokenizerIdentity | None = None,
                  writer_id: str | None = None, max_tracked: int = 262_144, flush_seconds: float = 5.0) -> None:
-        self._known: OrderedDict[bytes, tuple[str, int, int]] = OrderedDict()
+        # key -> calls with these exact IDs not yet continued (FIFO), and the latest of them
+        self._known: OrderedDict[bytes, tuple[deque[tuple[str, int, int]], tuple[str, int, int]]] = OrderedDict()
         self._max = max_tracked
         self._lock = threading.Lock()
         self.errors = 0
@@ -56,10 +57,16 @@ class CallLog:
             self._thread.start()
 
     def assign(self, anchor: tuple[Sequence[int], Sequence[int]] | None) -> tuple[str, int]:
-        """(rollout id, call index) for a request whose spliced-in message is ``anchor``."""
+        """(rollout id, call index) for a request whose spliced-in message is ``anchor``.
+
+        Identical calls in several rollouts (greedy repeats of one task) share a key; each
+        continuation takes the oldest one not yet continued, so concurrent repeats stay apart.
+        A second continuation of the same call (a client retry, a branch) reuses the latest.
+        """
         if anchor is not None:
             with self._lock:
-                hit = self._known.get(call_key(*anchor))
+                entry = self._known.get(call_key(*anchor))
+                hit = (entry[0].popleft() if entry[0] else entry[1]) if entry is not None else None
             if hit is not None:
                 return hit[0], hit[1] + 1
         return uuid.uuid4().hex, 0
@@ -67,15 +74,21 @@ class CallLog:
     def remember(self, prompt_ids: Sequence[int], generation_ids: Sequence[int], rollout_id: str, call_index: int,
                  policy_version: int = 0) -> None:
         key = call_key(prompt_ids, generation_ids)
+        call = (rollout_id, call_index, policy_version)
         with self._lock:
-            self._known[key] = (rollout_id, call_index, policy_version)
+            entry = self._known.get(key)
+            free = entry[0] if entry is not None else deque()
+            free.append(call)
+            self._known[key] = (free, call)
+            self._known.move_to_end(key)
             if len(self._known) > self._max:
                 self._known.popitem(last=False)
 
     def lookup(self, prompt_ids: Sequence[int], generation_ids: Sequence[int]) -> tuple[str, int, int] | None:
         """(rollout id, call index, policy version) of a call this server made, if still tracked."""
         with self._lock:
-            return self._known.get(call_key(prompt_ids, generation_ids))
+            entry = self._known.get(call_key(prompt_ids, generation_ids))
+            return entry[1] if entry is not None else None
 
     def submit(self, record: CallRecord) -> None:
         if self.writer is not None:

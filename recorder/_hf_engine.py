@@ -199,7 +199,8 @@ class HFEngine:
         if self._worker is None:
             return
         self._submit(_Close())
-        await asyncio.to_thread(self._worker.join)
+        # Bounded: a shutdown must not wait out a long generation (the thread is a daemon).
+        await asyncio.to_thread(self._worker.join, 30.0)
         self._model = None
         self._state = {}
 

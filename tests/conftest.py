@@ -37,6 +37,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
         tick.wait(0.01)
 
 
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct, fp32 checkpoint in the cache)."""
+    from recorder._models import default_model_dir
+
+    return default_model_dir()
+
+
 @pytest.fixture
 def demo_tasks() -> list[dict[str, Any]]:
     return load_jsonl(DEMO_TASKS)

@@ -15,13 +15,15 @@
 #   LOGDIR/servers/*.log  one log per Gym server (nemo_gym_log_dir)
 #   LOGDIR/work/          Gym's working dir: cwd of `gym env start`; holds the per-server `.venv`
 #                         symlinks to GYM_VENV (so no uv sub-venvs are built), cache/, results/
-#   LOGDIR/ray.tmpdir     path of the private Ray temp dir (RAY_TMPDIR=/tmp/gymray.XXXXXX; kept
-#                         short because Ray puts unix sockets in it, max ~107 chars)
+#   LOGDIR/ray.tmpdir     path of the private temp dir (RAY_TMPDIR and TMPDIR =
+#                         /tmp/gymray.XXXXXX; kept short because Ray puts unix sockets in it,
+#                         max ~107 chars); `stop` removes it. /tmp/ray is never touched.
 #   LOGDIR/head_url, LOGDIR/agent_url
 #
 # The Gym head server listens on 127.0.0.1:$GYM_HEAD_PORT (default 11000, Gym's default; other
 # Gym servers get random ports in 10001-20000). `gym eval run --no-serve` finds the servers through
-# the head server, so with a non-default port pass `+head_server.port=$GYM_HEAD_PORT` to it too.
+# the head server, so with a non-default port pass it both keys (the port alone fails validation):
+#   gym eval run --no-serve ... +head_server.host=127.0.0.1 +head_server.port=$GYM_HEAD_PORT
 #
 # Knobs (environment): GYM_HEAD_PORT (11000), GYM_START_TIMEOUT (300 s), GYM_STOP_TIMEOUT (30 s),
 # GYM_RESOURCES_SERVER (example_single_tool_call), GYM_AGENT (<resources server>_simple_agent),
@@ -30,12 +32,21 @@ set -euo pipefail
 
 die() { echo "gym_env.sh: $*" >&2; exit 1; }
 
-# PIDs of every process in session $1 (setsid makes the gym PID the session id; processes that
-# move to another process group, e.g. Ray's, stay in the session).
-session_pids() { ps -eo pid=,sid= | awk -v s="$1" '$2 == s { print $1 }'; }
+# Live PIDs of session $1 (setsid makes the gym PID the session id; processes that move to another
+# process group, e.g. Ray's `ray::IDLE` workers, stay in the session). Zombies are skipped: once
+# orphaned they are init's to reap, and init here may be slow to do it.
+session_pids() { ps -eo pid=,sid=,stat= | awk -v s="$1" '$2 == s && $3 !~ /^Z/ { print $1 }'; }
 
-# PIDs of processes whose command line mentions the private Ray temp dir (Ray daemons).
-ray_pids() { [ -n "${1:-}" ] && pgrep -f -- "$1" || true; }
+# Live PIDs whose command line mentions the private Ray temp dir (Ray daemons), in case one left
+# the session.
+ray_pids() {
+  [ -n "${1:-}" ] || return 0
+  local p
+  for p in $(pgrep -f -- "$1"); do
+    ps -o stat= -p "$p" 2>/dev/null | grep -qv '^Z' && echo "$p"
+  done
+  return 0
+}
 
 wait_gone() {  # wait_gone SECONDS SID RAYDIR: poll until no process of ours is left
   local deadline=$((SECONDS + $1))
@@ -83,7 +94,8 @@ cmd_start() {
 
   (
     cd "$work"
-    export RAY_AUTH_MODE=disabled UV_PYTHON_DOWNLOADS=never RAY_TMPDIR="$raydir" \
+    # TMPDIR too: Ray's dashboard forkserver leaves /tmp/pymp-* dirs behind when killed.
+    export RAY_AUTH_MODE=disabled UV_PYTHON_DOWNLOADS=never RAY_TMPDIR="$raydir" TMPDIR="$raydir" \
       RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 PATH="$venv/bin:$PATH"
     exec setsid "$venv/bin/gym" env start \
       --resources-server "$rs" \
@@ -101,6 +113,7 @@ cmd_start() {
   while [ $SECONDS -lt $deadline ]; do
     if ! kill -0 "$pid" 2>/dev/null; then
       tail -n 60 "$logdir/gym.log" >&2
+      cmd_stop "$logdir" >&2 || true
       die "gym env start exited early (log: $logdir/gym.log)"
     fi
     if [ -z "$url" ]; then
@@ -131,27 +144,34 @@ cmd_stop() {
   [ $# -eq 1 ] || die "usage: gym_env.sh stop LOGDIR"
   local logdir=$1 pid="" raydir=""
   [ -f "$logdir/gym.pid" ] && pid=$(cat "$logdir/gym.pid")
+  # A stale pid file must not make us signal an unrelated process that reused the PID.
+  if [ -n "$pid" ] && ps -o stat= -p "$pid" 2>/dev/null | grep -qv '^Z' \
+      && ! ps -o args= -p "$pid" | grep -q 'gym env start'; then
+    echo "gym_env.sh: pid $pid is not gym env start any more; not signalling it" >&2
+    pid=""
+  fi
   [ -f "$logdir/ray.tmpdir" ] && raydir=$(cat "$logdir/ray.tmpdir")
   local timeout=${GYM_STOP_TIMEOUT:-30}
 
   if [ -n "$pid" ]; then
-    # Graceful: SIGINT to gym's main process only; it SIGINTs its servers, then Ray shuts down
-    # from its atexit hook.
+    # 1. SIGINT to gym's main process only: it SIGINTs each server's `bash -c` wrapper (SIGKILL
+    #    after 1 s, which orphans the `python app.py` + `tee` under it), stops its head server,
+    #    and shuts its Ray cluster down from an atexit hook (ray.shutdown()).
     kill -INT "$pid" 2>/dev/null || true
-    if ! wait_gone "$timeout" "$pid" "$raydir"; then
-      # Whatever is left of the session (process group and stragglers), then Ray's daemons.
-      local p
-      for p in $(session_pids "$pid") $(ray_pids "$raydir"); do kill -TERM "$p" 2>/dev/null || true; done
-      if ! wait_gone 10 "$pid" "$raydir"; then
-        for p in $(session_pids "$pid") $(ray_pids "$raydir"); do kill -KILL "$p" 2>/dev/null || true; done
-        wait_gone 5 "$pid" "$raydir" || true
-      fi
+    local deadline=$((SECONDS + timeout))
+    while [ $SECONDS -lt $deadline ] && ps -o stat= -p "$pid" 2>/dev/null | grep -qv '^Z'; do sleep 0.2; done
+    # 2. Whatever is left in the session (the orphaned servers, any Ray process), by PID.
+    local p
+    for p in $(session_pids "$pid") $(ray_pids "$raydir"); do kill -TERM "$p" 2>/dev/null || true; done
+    if ! wait_gone 10 "$pid" "$raydir"; then
+      for p in $(session_pids "$pid") $(ray_pids "$raydir"); do kill -KILL "$p" 2>/dev/null || true; done
+      wait_gone 5 "$pid" "$raydir" || true
     fi
   fi
   local left
-  left="$( { [ -n "$pid" ] && session_pids "$pid"; ray_pids "$raydir"; } | tr '\n' ' ')"
-  if [ -n "${left// /}" ]; then
-    ps -o pid,pgid,sid,args -p "${left// /,}" >&2 || true
+  left="$( { if [ -n "$pid" ]; then session_pids "$pid"; fi; ray_pids "$raydir"; } | paste -sd, -)"
+  if [ -n "$left" ]; then
+    ps -o pid,pgid,sid,args -p "$left" >&2 || true
     die "processes left behind: $left"
   fi
   # Ray's temp dir (sessions, logs, sockets); /tmp/ray is untouched because RAY_TMPDIR was private.

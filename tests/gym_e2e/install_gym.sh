@@ -10,7 +10,15 @@
 # left alone (exit 0). Exits non-zero on any failure.
 #
 # Environment knobs: PYTHON (interpreter for the venv, default python3; must be 3.11+),
-# GYM_VERSION (default 0.4.0).
+# GYM_VERSION (default 0.4.0), GYM_PIP_CONSTRAINTS (optional pip constraints file, e.g. a
+# `pip freeze` of a known-good venv, to pin the dependency versions).
+#
+# Observed (2 cores, PyPI via pip, Python 3.11.7): ~65 s, 1.4 GB venv; every Requires-Dist entry
+# installs from a binary wheel (no compilation, no workaround needed). Resolved then: ray 2.60.0,
+# mlflow 3.17.2, pyarrow 25.0.1, pandas 3.1.1, openai 2.7.2, fastapi 0.165.0, aiohttp 3.14.5.
+# pip prints many "WARNING: Location 'file:///opt/pypi...' is ignored" lines: harmless (this
+# machine's extra local indexes lack those packages). `uv` is not needed: gym_env.sh passes
+# +skip_venv_if_present=true and points each server's .venv at this venv.
 set -euo pipefail
 
 VENV=${1:-$(cd "$(dirname "$0")/../.." && pwd)/.venv-gym}
@@ -47,7 +55,9 @@ for r in md.requires("nemo-gym") or []:
         print(r.split(";")[0].strip())
 PY
 echo "installing $(wc -l <"$REQS") requirements of nemo-gym $GYM_VERSION"
-"$PY" -m pip install -q -r "$REQS"
+CONSTRAINTS=()
+[ -n "${GYM_PIP_CONSTRAINTS:-}" ] && CONSTRAINTS=(-c "$GYM_PIP_CONSTRAINTS")
+"$PY" -m pip install -q -r "$REQS" "${CONSTRAINTS[@]}"
 
 ok || { echo "install_gym.sh: nemo-gym import check failed in $VENV" >&2; exit 1; }
 echo "nemo-gym $GYM_VERSION installed in $VENV"

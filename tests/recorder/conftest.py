@@ -8,13 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from recorder._models import default_model_dir
 from tests.servers import VLLM_PYTHON, Server, start_vllm
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    return default_model_dir()
 
 
 @pytest.fixture(scope="session")

@@ -202,3 +202,16 @@ def test_upstream_down_entirely_is_502(model_dir: Path, tmp_path: Path) -> None:
         server.stop()
 
 
+
+
+def test_identical_calls_in_concurrent_rollouts_continue_separate_rollouts() -> None:
+    from recorder._call_log import CallLog
+
+    log = CallLog(None)
+    a, b = log.assign(None), log.assign(None)
+    for rid, _ in (a, b):  # greedy repeats: both rollouts produced the very same first call
+        log.remember([1, 2], [3], rid, 0)
+    first, second = log.assign(([1, 2], [3])), log.assign(([1, 2], [3]))
+    assert {first[0], second[0]} == {a[0], b[0]} and first[1] == second[1] == 1
+    assert log.assign(([1, 2], [3]))[0] == b[0], "a retry of the same continuation reuses the latest"
+    assert log.assign(([9], [9]))[1] == 0, "unknown IDs start a new rollout"
