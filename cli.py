@@ -303,6 +303,8 @@ def serve(
     policy_version: Annotated[int, typer.Option(help="Policy version stamped on calls at start.")] = 0,
     upstream_timeout: Annotated[float, typer.Option(help="vllm: seconds to wait for an answer before 504.")] = 600.0,
     vllm_log: Annotated[str | None, typer.Option(help="vllm without --upstream: log file of the started server.")] = None,
+    vllm_arg: Annotated[list[str] | None, typer.Option(help="vllm without --upstream: extra argument for the started "
+                                                           "server (repeatable), e.g. --vllm-arg=--enforce-eager.")] = None,
 ) -> None:
     """Serve an on-policy OpenAI-compatible endpoint for NeMo Gym and record every call."""
     import uvicorn
@@ -314,7 +316,7 @@ def serve(
         tokenizer=tokenizer, chat_template=chat_template, eos_token=eos_token, tool_parser=tool_parser,
         reasoning=reasoning, device=device, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
         served_model_name=served_model_name, policy_version=policy_version, vllm_log=vllm_log,
-        upstream_timeout=upstream_timeout,
+        upstream_timeout=upstream_timeout, vllm_args=tuple(vllm_arg or ()),
     )
     # In-flight requests get 10 s to finish on SIGTERM/SIGINT; then they are cancelled and the
     # tape writer is closed (a Gym call with thousands of max_tokens must not hold the stop).

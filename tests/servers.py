@@ -73,10 +73,11 @@ def start(args: list[str], log: Path, port: int, env: dict[str, str] | None = No
     return server
 
 
-def start_gymtape_serve(tmp: Path, *extra: str, name: str = "serve", timeout: float = 180) -> Server:
+def start_gymtape_serve(tmp: Path, *extra: str, name: str = "serve", timeout: float = 180,
+                        env: dict[str, str] | None = None) -> Server:
     port = free_port()
     exe = Path(sys.executable).with_name("gymtape")
-    return start([str(exe), "serve", "--port", str(port), *extra], tmp / f"{name}.log", port, timeout=timeout)
+    return start([str(exe), "serve", "--port", str(port), *extra], tmp / f"{name}.log", port, env=env, timeout=timeout)
 
 
 def start_vllm(model_dir: Path, tmp: Path, *, served_name: str = "smol", max_model_len: int = 2048) -> Server:

@@ -106,12 +106,17 @@ def test_unreachable_agent_is_recorded_as_failed_not_dropped(tmp_path: Path) -> 
     assert all("127.0.0.1:9" in r for r in rows["status_reason"])
 
 
+# Long enough (about 20 s on 2 cores) that the kill lands after the first 5-second flush and well
+# before the end, on a quiet machine or a busy one.
+LIMIT = 160
+
+
 def test_sigkilled_record_resumes_to_every_pair_exactly_once(served: tuple[Server, Path], tmp_path: Path) -> None:
     server, _ = served
     tape = tmp_path / "tape"
     exe = Path(sys.executable).with_name("gymtape")
     args = [str(exe), "record", "--env", "addition", "--model-url", f"{server.url}/v1", "--tape", str(tape),
-            "--max-tokens", "2", "--concurrency", "2", "--limit", "24"]
+            "--max-tokens", "4", "--concurrency", "2", "--limit", str(LIMIT)]
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def visible() -> int:
@@ -124,9 +129,9 @@ def test_sigkilled_record_resumes_to_every_pair_exactly_once(served: tuple[Serve
     child.kill()
     child.wait()
     before = Tape(tape).rollouts().select("rollout_id", "task_index").collect()
-    assert 0 < before.height < 24, "the kill must land mid-run for this test to mean anything"
+    assert 0 < before.height < LIMIT, "the kill must land mid-run for this test to mean anything"
     subprocess.run(args + ["--resume"], check=True, capture_output=True, timeout=600)
     after = Tape(tape).rollouts().collect()
     keys = after.select("env", "task_index", "rollout_index").rows()
-    assert len(keys) == len(set(keys)) == 24, "every (env, task, repeat) exactly once"
+    assert len(keys) == len(set(keys)) == LIMIT, "every (env, task, repeat) exactly once"
     assert set(before["rollout_id"]) <= set(after["rollout_id"]), "rollouts recorded before the kill are kept"

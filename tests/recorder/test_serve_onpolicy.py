@@ -147,3 +147,46 @@ def test_hf_engine_conversation_is_on_policy_and_logprobs_match_a_forward_pass(m
         check_splice_and_tape(server, tape, responses)
     finally:
         server.stop()
+
+
+def test_vllm_engine_without_upstream_starts_and_stops_its_own_vllm(model_dir: Path, tmp_path: Path) -> None:
+    """One command serves a model: gymtape starts vLLM, health-checks it, keeps its log, stops it."""
+    import os
+
+    from tests.servers import VLLM_PYTHON
+
+    if not VLLM_PYTHON.exists():
+        if os.environ.get("GYMTAPE_REQUIRE_VLLM"):
+            pytest.fail(f"vLLM venv not found at {VLLM_PYTHON}")
+        pytest.skip(f"vLLM venv not found at {VLLM_PYTHON}: run `make test`")
+    log = tmp_path / "own-vllm.log"
+    server = start_gymtape_serve(
+        tmp_path, "--engine", "vllm", "--model", str(model_dir), "--dtype", "float32", "--max-model-len", "1024",
+        "--vllm-log", str(log), "--vllm-arg=--enforce-eager", "--vllm-arg=--no-enable-chunked-prefill",
+        name="serve-own", timeout=900, env={"GYMTAPE_VLLM_PYTHON": str(VLLM_PYTHON), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        r = _chat(server, FIRST[:1] + FIRST[-1:], seed=1, max_tokens=4)
+        assert len(r["choices"][0]["message"]["generation_token_ids"]) > 0
+        assert "Starting vLLM" in log.read_text(), "the started vLLM's log is kept where --vllm-log says"
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        wanted = ("vllm.entrypoints", str(model_dir), "--max-model-len 1024")
+        vllm_pids = [p for p in pids if all(w in _cmdline(p) for w in wanted)]
+        assert vllm_pids, "the started vLLM must be running while gymtape serves"
+    finally:
+        server.stop()
+    assert all(not Path(f"/proc/{p}").exists() or "zombie" in _status(p) for p in vllm_pids), \
+        "stopping gymtape must stop the vLLM it started"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"
