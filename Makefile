@@ -52,6 +52,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/bench_tape.py
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_record.py
+	$(BIN)/python bench/bench_check.py
 
 docs: $(STAMP)
 	$(BIN)/python -c "from recorder._schema import render_markdown; print(render_markdown(), end='')" > docs/tape-format.md

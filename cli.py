@@ -164,6 +164,68 @@ def _render_summary(s: dict[str, Any], console: Console) -> None:
 
 @app.command()
 @_friendly
+def check(
+    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer directory (default: the "
+                                                    "embedded SmolLM2-135M-Instruct's).")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    max_examples: Annotated[int, typer.Option(help="Problems of each type shown with their context.")] = 20,
+) -> None:
+    """Structural train-generation checks (re-tokenization, re-templating, history, fields); exit 1 on problems."""
+    from recorder import Tape
+    from replay import check_tape
+
+    if tokenizer is None:
+        from recorder._models import default_model_dir
+
+        tokenizer = default_model_dir()
+    report = check_tape(Tape(tape), tokenizer, max_examples=max_examples)
+    if json:
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        from rich.table import Table
+
+        console = Console()
+        d = report.to_dict()
+        top = Table(title=f"check {d['tape']}", show_header=False, title_justify="left")
+        top.add_column(style="bold")
+        top.add_column(justify="right")
+        frac = d["off_policy_fraction"]
+        rows = [
+            ("rollouts", f"{d['rollouts']:,} ({d['rollouts_with_problems']:,} with problems)"),
+            ("calls", f"{d['calls']:,} ({d['checkable_calls']:,} re-templated, {d['not_checkable']:,} not checkable)"),
+            ("off-policy if re-templated", "-" if frac is None else
+             f"{frac:.1%} of {d['checkable_generated_tokens']:,} generated tokens"),
+        ]
+        rows += [(f"problem: {k}", f"{v:,}") for k, v in d["totals"].items()]
+        rows.append(("re-template causes", ", ".join(f"{k}: {v}" for k, v in d["retemplate_categories"].items() if v) or "-"))
+        rows.append(("re-tokenization kinds", ", ".join(f"{k}: {v}" for k, v in d["retokenization_kinds"].items() if v) or "-"))
+        rows.append(("checked in", f"{d['elapsed_s']:.2f} s"))
+        for k, v in rows:
+            top.add_row(k, v)
+        console.print(top)
+        for w in d["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        if d["examples"]:
+            ex = Table(title="first problems", title_justify="left", show_lines=True)
+            for col in ("type", "rollout / call", "what", "context"):
+                ex.add_column(col, overflow="fold")
+            for p in d["examples"][:12]:
+                ctx = [f"before: {p['before'][-40:]!r}"] if "before" in p else []
+                for side in ("recorded", "template", "generated", "reencoded", "previous", "prompt"):
+                    if side in p:
+                        ctx.append(f"{side}: {p[side]['text']!r} {p[side]['tokens'][:6]}")
+                where = "-" if p["rollout_id"] is None else f"{p['rollout_id']} #{p['call_index']}"
+                ex.add_row(p["type"], where, p["message"], "\n".join(ctx) or "-")
+            console.print(ex)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
 def synth(
     tasks: Annotated[Path, typer.Argument(help="Gym task JSONL (responses_create_params lines).", exists=True)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output rollout JSONL.")],

@@ -1,6 +1,9 @@
 """gymtape replay: offline train-generation consistency checks over a tape.
 
-Not built yet (see the replay issue); tapes are read through :class:`recorder.Tape`.
+:func:`check_tape` runs the structural checks (re-tokenization, re-templating, history, field
+consistency) that need only the tokenizer; tapes are read through :class:`recorder.Tape`.
 """
 
-__all__: list[str] = []
+from ._check import CheckReport, check_tape
+
+__all__ = ["CheckReport", "check_tape"]
