@@ -6,6 +6,9 @@ without gymtape never have to hard-code them.
 
 from __future__ import annotations
 
+import os
+import uuid
+
 FORMAT_NAME = "gymtape"
 FORMAT_VERSION = 1
 
@@ -36,7 +39,9 @@ def shard_name(writer_id: str, seq: int) -> str:
 
 
 def temp_name(final_name: str) -> str:
-    return f"{TEMP_PREFIX}{final_name}{TEMP_SUFFIX}"
+    # Unique per process and call: concurrent writers racing to create the same file (tape.json)
+    # must never share, and so unlink, each other's temporary file.
+    return f"{TEMP_PREFIX}{final_name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
 
 
 def is_published_shard(name: str) -> bool:
@@ -53,5 +58,5 @@ def layout_dict() -> dict[str, str]:
         "rollouts": f"{ROLLOUTS_DIR}/{SHARD_TEMPLATE}",
         "writers": f"{WRITERS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
         "runs": f"{RUNS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
-        "temporary": f"<dir>/{TEMP_PREFIX}<name>{TEMP_SUFFIX} (never read)",
+        "temporary": f"<dir>/{TEMP_PREFIX}<name>.<pid>-<random>{TEMP_SUFFIX} (never read)",
     }
