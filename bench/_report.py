@@ -5,6 +5,8 @@ from __future__ import annotations
 import operator
 import os
 import platform
+import time
+from collections.abc import Callable
 
 _OPS = {">=": operator.ge, "<=": operator.le}
 
@@ -29,6 +31,16 @@ def target(name: str, value: float, unit: str, op: str, bound: float) -> bool:
     ok = _OPS[op](value, bound)
     print(f"bench {name}: {value:.4g} {unit} (target {op} {bound:g}) {'ok' if ok else 'SHORT'}", flush=True)
     return ok
+
+
+def best_of(runs: int, fn: Callable[[], object]) -> float:
+    """Fastest of ``runs`` timed calls: the least disturbed by other work on a shared machine."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def pin_to_one_core() -> None:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, pin_to_one_core, target  # noqa: E402
+from _report import best_of, machine, pin_to_one_core, target  # noqa: E402
 
 pin_to_one_core()
 import os  # noqa: E402
@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import orjson  # noqa: E402
 
@@ -90,14 +89,6 @@ def naive_check(tape: Tape, tokenizer) -> int:  # noqa: ANN001
             differ += ids != c["prompt_ids"][k].tolist()
     return differ
 
-
-def best_of(runs: int, fn) -> float:  # noqa: ANN001
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, pin_to_one_core, target  # noqa: E402
+from _report import best_of, machine, pin_to_one_core, target  # noqa: E402
 
 pin_to_one_core()
 
@@ -24,7 +24,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -57,14 +56,6 @@ def naive_convert(src: Path, out: Path) -> None:
     pq.write_table(pa.Table.from_pylist(calls), out / "calls.parquet", compression="zstd")
     pq.write_table(pa.Table.from_pylist(rollouts), out / "rollouts.parquet", compression="zstd")
 
-
-def best_of(runs: int, fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def dir_bytes(p: Path) -> int:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -35,21 +36,15 @@ def test_builtin_envs_through_gymtape_serve_join_its_calls(served: tuple[Server,
     report = record(RecordConfig(tape=tape, envs=[_env(server, "calculator"), _env(server, "addition")],
                                  concurrency=4, limit=6))
     assert report.done == 6 and report.failed == 0 and report.joined == 6
-    server_calls = httpx_health(server)["recording"]
-    assert server_calls["errors"] == 0
+    assert httpx.get(f"{server.url}/health").json()["recording"]["errors"] == 0
     t = Tape(tape)
     rollouts = t.rollouts().collect()
     assert rollouts.height == 6 and set(rollouts["env"]) == {"calculator", "addition"}
     assert rollouts["reward"].null_count() == 0
 
 
-def httpx_health(server: Server) -> dict:
-    import httpx
-
-    return httpx.get(f"{server.url}/health").json()
-
-
-def test_joined_rollouts_have_the_servers_calls_once_and_export_to_gym(served: tuple[Server, Path], tmp_path: Path) -> None:
+def test_recorder_writes_calls_itself_when_the_server_records_elsewhere(served: tuple[Server, Path],
+                                                                       tmp_path: Path) -> None:
     server, tape = served
     sub = tmp_path / "own"
     # Same run against the same server but a different tape: calls must be written by the recorder itself.

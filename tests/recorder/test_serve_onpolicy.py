@@ -101,7 +101,8 @@ def check_splice_and_tape(server: Server, tape: Path, responses: list[dict[str, 
         m = r["choices"][0]["message"]
         assert row["generation_ids"] == m["generation_token_ids"]
         assert np.array_equal(np.float32(row["generation_logprobs"]), np.float32(m["generation_log_probs"]))
-        assert row["logprobs_kind"] == "raw" and row["tools_json"] is not None or row["call_index"] > 0
+        assert row["logprobs_kind"] == "raw" and row["engine"] in ("hf", "vllm")
+        assert (row["tools_json"] is not None) == (row["call_index"] == 0), "tools are stored once per rollout"
 
 
 def test_vllm_engine_conversation_is_on_policy_and_matches_vllm(vllm_upstream: Server, model_dir: Path,
