@@ -13,7 +13,7 @@ GYM_VENV   := .venv-gym
 GYM_STAMP  := $(GYM_VENV)/.installed-nemo-gym-0.4.0
 DEMO   := out/demo
 
-.PHONY: venv vllm test test-gym demo bench docs clean
+.PHONY: venv vllm browser test test-gym demo bench docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ venv: $(STAMP)
 
 vllm: $(VLLM_STAMP)
 
-test: $(STAMP) $(VLLM_STAMP)
-	GYMTAPE_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
+# Debian's headless Chromium renders the HTML reports in their tests.
+browser:
+	@command -v chromium >/dev/null || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) \
+	  || { echo "install Debian's chromium (apt-get install chromium) to run the HTML report tests"; exit 1; }
+
+test: $(STAMP) $(VLLM_STAMP) browser
+	GYMTAPE_REQUIRE_VLLM=1 GYMTAPE_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q
 
 # End-to-end tier with the real NeMo Gym (nemo-gym 0.4.0 in its own venv, ~1.4 GB).
 test-gym: $(STAMP) $(GYM_STAMP)
@@ -53,6 +58,8 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_record.py
 	$(BIN)/python bench/bench_check.py
+	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_loader.py
 
 docs: $(STAMP)
 	$(BIN)/python -c "from recorder._schema import render_markdown; print(render_markdown(), end='')" > docs/tape-format.md

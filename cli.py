@@ -72,16 +72,53 @@ def ingest(
 
 class ExportFormat(str, Enum):
     gym_jsonl = "gym-jsonl"
+    sft = "sft"
+    dpo = "dpo"
+
+
+class DpoPairs(str, Enum):
+    disjoint = "disjoint"
+    all = "all"
 
 
 @app.command()
 @_friendly
 def export(
     tape: Annotated[Path, typer.Argument(help="Tape directory.")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.gym_jsonl,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")] = None,
+    format: Annotated[ExportFormat, typer.Option("--format", help="gym-jsonl: Gym rollout JSONL; sft / dpo: "
+                                                 "Parquet for TRL or PyTorch (see docs/trainer-bridge.md).")] = ExportFormat.gym_jsonl,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output; "
+                                              "required for sft / dpo).")] = None,
+    min_reward: Annotated[float | None, typer.Option(help="sft: keep rollouts with at least this reward.")] = 1.0,
+    margin: Annotated[float, typer.Option(help="dpo: least reward gap between chosen and rejected.")] = 0.5,
+    pairs: Annotated[DpoPairs, typer.Option(help="dpo: each rollout in one pair at most, or every pair.")] = DpoPairs.disjoint,
+    all_statuses: Annotated[bool, typer.Option("--all-statuses", help="sft / dpo: include truncated and failed "
+                                                "rollouts (default: status ok only).")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(help="sft / dpo: tokenizer for the text columns (default: the "
+                                                   "embedded SmolLM2-135M-Instruct's).")] = None,
+    no_text: Annotated[bool, typer.Option("--no-text", help="sft / dpo: token columns only, no decoded text.")] = False,
 ) -> None:
-    """Write a tape's rollouts back out (Gym rollout JSONL: token fields on the output items)."""
+    """Write a tape's rollouts out: Gym rollout JSONL, or SFT / DPO training Parquet."""
+    if format is not ExportFormat.gym_jsonl:
+        from trainer_bridge import TapeFilters, export_dpo, export_sft
+
+        if out is None:
+            raise typer.BadParameter(f"--format {format.value} writes Parquet: give --out FILE.parquet")
+        tok: Path | None = None
+        if not no_text:
+            from recorder._models import default_model_dir
+
+            tok = tokenizer or default_model_dir()
+        filters = TapeFilters(status=None if all_statuses else ("ok",))
+        if format is ExportFormat.sft:
+            report = export_sft(tape, out, min_reward=min_reward, filters=filters, tokenizer=tok)
+        else:
+            report = export_dpo(tape, out, margin=margin, pairs=pairs.value, filters=filters, tokenizer=tok)
+        skipped = ", ".join(f"{k}: {v}" for k, v in report.skipped.items())
+        unit = "sequences" if format is ExportFormat.sft else "pairs"
+        err.print(f"exported {report.rows} {unit} ({format.value}) from {report.rollouts_considered} rollouts to {out}"
+                  f" (left out: {skipped})", highlight=False)
+        return
     from recorder import export_gym_jsonl
 
     if out is None:
@@ -221,6 +258,130 @@ def check(
                 ex.add_row(p["type"], where, p["message"], "\n".join(ctx) or "-")
             console.print(ex)
     if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def replay(
+    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory to re-score with (default: the embedded "
+                                                    "SmolLM2-135M-Instruct, unless --engine-url is given).")] = None,
+    engine_url: Annotated[str | None, typer.Option(help="Re-score on this running vLLM instead (prompt_logprobs).")] = None,
+    engine_model: Annotated[str | None, typer.Option(help="Model name at --engine-url (default: the first served).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer for decoding tokens (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="torch device for --model (cpu, cuda).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    json: Annotated[bool, typer.Option("--json", help="Print the JSON report (gymtape.replay/1) instead of tables.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report here.")] = None,
+    fail_above: Annotated[list[str] | None, typer.Option("--fail-above", help="METRIC=VALUE (repeatable): exit 1 when "
+                                                         "the overall metric is above VALUE, e.g. max_abs_dlogprob=1e-3.")] = None,
+    is_bounds: Annotated[str, typer.Option(help="LO,HI: importance ratios outside count in frac_outside_is_bounds.")] = "0.5,2",
+    token_budget: Annotated[int | None, typer.Option(help="--model: tokens per packed batch (default: 2048 on "
+                                                          "cpu, 16384 on a GPU).")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="--model: positions per output-head chunk (default: 256 "
+                                                          "on cpu, 1024 on a GPU).")] = None,
+    concurrency: Annotated[int, typer.Option(help="--engine-url: requests in flight.")] = 16,
+    worst: Annotated[int, typer.Option(help="Worst tokens kept in the report.")] = 20,
+    details: Annotated[int, typer.Option(help="Worst rollouts kept token by token (for --html).")] = 20,
+    top: Annotated[int, typer.Option(help="Rows shown per terminal table.")] = 10,
+    ray: Annotated[int | None, typer.Option("--ray", help="--model: score on N Ray Data workers (one model replica "
+                                            "each; RAY_ADDRESS picks a running cluster).")] = None,
+) -> None:
+    """Re-score every generated token (trainer-side model or live vLLM) against the recorded logprobs; exit 1 above --fail-above."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from replay._replay import ReplayError, parse_fail_above, replay_tape
+
+    thresholds = parse_fail_above(fail_above or [])
+    try:
+        lo, hi = (float(x) for x in is_bounds.split(","))
+    except ValueError:
+        raise ReplayError(f"--is-bounds {is_bounds!r}: expected LO,HI, e.g. 0.5,2") from None
+    if engine_url is not None and model is not None:
+        raise ReplayError("give --model or --engine-url, not both")
+    scorer: dict[str, Any] = {"engine_url": engine_url, "engine_model": engine_model}
+    if engine_url is None:
+        from recorder._models import default_model_dir
+        from replay._score import ScoreSettings
+
+        scorer["model"] = model or default_model_dir()
+        scorer["settings"] = ScoreSettings(token_budget=token_budget, chunk_tokens=chunk_tokens)
+        if ray is not None and ray < 1:
+            raise ReplayError(f"--ray needs at least 1 worker, got {ray}")
+        scorer["ray_workers"] = ray
+    elif ray is not None:
+        raise ReplayError("--ray scores with --model on Ray workers; it does not apply to --engine-url")
+    progress = Progress(TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    state: dict[str, Any] = {}
+
+    def advance(n: int, total: int) -> None:
+        if "task" not in state:
+            state["task"] = progress.add_task("replay", total=total)
+        progress.advance(state["task"], n)
+
+    with progress:
+        report = replay_tape(tape, tokenizer=tokenizer, device=device, dtype=dtype, is_bounds=(lo, hi),
+                             fail_above=thresholds, concurrency=concurrency, worst_tokens=worst,
+                             detail_rollouts=details, progress=advance, **scorer).to_dict()
+    if html is not None:
+        from replay import write_replay_html
+
+        write_replay_html(report, html)
+    if json:
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        from replay import print_replay
+
+        print_replay(report, Console(), top=top)  # also prints the warnings
+        if html is not None:
+            err.print(f"wrote {html}", highlight=False)
+    if report["threshold_failures"]:
+        if json:
+            for f in report["threshold_failures"]:
+                err.print(f"[red]threshold crossed:[/] {f}", highlight=False)
+        raise typer.Exit(1)
+
+
+class MatchBy(str, Enum):
+    task = "task"
+    id = "id"
+
+
+@app.command()
+@_friendly
+def diff(
+    tape_a: Annotated[Path, typer.Argument(help="First tape (changes are reported as B - A).")],
+    tape_b: Annotated[Path, typer.Argument(help="Second tape.")],
+    by: Annotated[MatchBy, typer.Option("--by", help="Pair rollouts by (env, task, repeat) or by rollout id.")]
+    = MatchBy.task,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer directory for the decoded text "
+                                                    "(default: the embedded SmolLM2-135M-Instruct's).")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print the JSON report (gymtape.diff/1) instead of tables.")]
+    = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report here.")] = None,
+    top: Annotated[int, typer.Option(help="Divergences shown in the terminal.")] = 10,
+    fail_on_divergence: Annotated[bool, typer.Option("--fail-on-divergence",
+                                                     help="Exit 1 when any matched pair diverges.")] = False,
+) -> None:
+    """Pair the rollouts of two tapes and show where each pair first diverges, reward and logprob changes."""
+    from replay import diff_tapes, print_diff, write_diff_html
+
+    report = diff_tapes(tape_a, tape_b, by=by.value, tokenizer=tokenizer).to_dict()
+    if html is not None:
+        write_diff_html(report, html)
+    if json:
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print_diff(report, Console(), top=top)
+        if html is not None:
+            err.print(f"wrote {html}", highlight=False)
+    if fail_on_divergence and report["summary"]["diverged"]:
         raise typer.Exit(1)
 
 

@@ -2,8 +2,36 @@
 
 :func:`check_tape` runs the structural checks (re-tokenization, re-templating, history, field
 consistency) that need only the tokenizer; tapes are read through :class:`recorder.Tape`.
+:func:`replay_tape` re-scores every generated token with a trainer-side model (or a live vLLM)
+and measures the mismatch with the recorded sampling logprobs (:mod:`replay._metrics`).
+:func:`diff_tapes` pairs the rollouts of two tapes and finds where each pair first differs;
+``print_*`` / ``write_*_html`` render replay and diff reports (terminal, self-contained HTML).
 """
 
 from ._check import CheckReport, check_tape
+from ._diff import DiffError, DiffReport, diff_tapes
+from ._render import print_diff, print_replay, write_diff_html, write_replay_html
+from ._engine_url import EngineReplayError
+from ._metrics import grouped_metrics, token_metrics
+from ._replay import ReplayError, ReplayReport, UnknownMetricError, replay_tape
+
+_TORCH_NAMES = ("ReplayModelError", "ScoreSettings", "load_model", "score_sequences")
+
+
+def __getattr__(name: str):  # the model scorer pulls in torch: load it on first use
+    if name in _TORCH_NAMES:
+        from . import _score
+
+        return getattr(_score, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TORCH_NAMES))
+
 
 __all__ = ["CheckReport", "check_tape"]
+__all__ += ["DiffError", "DiffReport", "diff_tapes", "print_diff", "print_replay", "write_diff_html",
+            "write_replay_html"]
+__all__ += ["EngineReplayError", "ReplayError", "ReplayModelError", "ReplayReport", "ScoreSettings",
+            "UnknownMetricError", "grouped_metrics", "load_model", "replay_tape", "score_sequences", "token_metrics"]

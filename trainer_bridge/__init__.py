@@ -1,6 +1,22 @@
 """gymtape trainer bridge: tapes into on-policy and asynchronous off-policy update loops.
 
-Not built yet (see the trainer-bridge issue); tapes are read through :class:`recorder.Tape`.
+Sequences (``build_sequences``), packing (``plan_bins``/``pack``), an epoch dataset
+(``TapeDataset``), a live-tape follower (``TapeFollower``) and SFT/DPO exports; see
+docs/trainer-bridge.md. Tapes are read through :class:`recorder.Tape`.
 """
 
-__all__: list[str] = []
+from ._logprobs import packed_token_logprobs
+from ._packing import PackedBatch, pack, plan_bins
+from ._advantages import group_advantages
+from ._dataset import ResumeStateError, TapeDataset, TapeLoader
+from ._export import DPO_SCHEMA, SFT_SCHEMA, ExportError, ExportReport, export_dpo, export_sft
+from ._filters import TapeFilters
+from ._follower import FollowerBatch, FollowerStats, FollowerTimeout, TapeFollower
+from ._microbatch import MicroBatch, micro_batches
+from ._sequences import SEQUENCE_SCHEMA, build_sequences
+
+__all__: list[str] = [
+    "SEQUENCE_SCHEMA", "FollowerBatch", "FollowerStats", "FollowerTimeout", "MicroBatch", "ResumeStateError",
+    "TapeDataset", "TapeFilters", "TapeFollower", "TapeLoader", "group_advantages", "micro_batches",
+    "DPO_SCHEMA", "SFT_SCHEMA", "ExportError", "ExportReport", "export_dpo", "export_sft",
+    "PackedBatch", "build_sequences", "pack", "packed_token_logprobs", "plan_bins"]

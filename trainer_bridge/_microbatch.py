@@ -1,0 +1,261 @@
+"""Micro-batches: sequences (C1 rows) packed under a token budget, with per-token training arrays.
+
+Both the epoch-based :class:`~trainer_bridge.TapeDataset` and the asynchronous
+:class:`~trainer_bridge.TapeFollower` end here, so a training step consumes the same object
+whichever feeds it. Bins come from C2's :func:`~trainer_bridge.plan_bins`; each bin becomes the
+:class:`~trainer_bridge.PackedBatch` that C2's :func:`~trainer_bridge.pack` would build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ._packing import PackedBatch, plan_bins
+from ._sequences import SequencePlan, _gather
+
+#: Per-token arrays every micro-batch carries in ``extras`` (each ``[1, T]`` float32).
+EXTRA_KEYS = ("loss_mask", "behaviour_logprobs", "advantages", "weights")
+
+
+@dataclass
+class MicroBatch(PackedBatch):
+    """A :class:`PackedBatch` (so ``packed_token_logprobs`` takes it directly) plus bookkeeping.
+
+    ``extras`` holds ``loss_mask`` (1.0 on generated tokens), ``behaviour_logprobs`` (sampling
+    logprobs, 0.0 off the mask), ``advantages`` (the sequence's advantage on each of its tokens)
+    and ``weights`` (1.0, or the follower's staleness down-weight), all ``[1, T]`` float32.
+    Per-sequence lists/tensors follow ``index`` order (packed order). The tensors may be views
+    of a larger buffer (all-ones ``weights`` a broadcast view): treat them as read-only and
+    ``.clone()`` before writing in place.
+    """
+
+    sequence_ids: list[str] = field(default_factory=list)
+    group_keys: list[str | None] = field(default_factory=list)
+    rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    seq_advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    seq_weights: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    #: Epoch (dataset) or batch number (follower) the micro-batch belongs to.
+    epoch: int = 0
+    #: Which loader shard produced it: ``(rank, world_size, worker_id, num_workers)``.
+    shard: tuple[int, int, int, int] = (0, 1, 0, 1)
+    #: Position of this micro-batch in its shard's epoch stream (what resume counts).
+    batch_index: int = 0
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        moved = super().to(device)
+        return MicroBatch(moved.input_ids, moved.position_ids, moved.cu_seqlens, moved.index, moved.extras,
+                          self.sequence_ids, self.group_keys, self.rewards, self.seq_advantages, self.seq_weights,
+                          self.epoch, self.shard, self.batch_index)
+
+    @property
+    def num_generated(self) -> int:
+        return int(self.extras["loss_mask"].sum().item())
+
+
+class SequenceArrays:
+    """Zero-copy numpy views of a C1 sequence table's token columns and per-sequence values."""
+
+    def __init__(self, table: pa.Table, advantages: np.ndarray, weights: np.ndarray) -> None:
+        ids = table["input_ids"].combine_chunks()
+        offsets = ids.offsets.to_numpy().astype(np.int64)
+        self.starts = offsets[:-1] - offsets[0]
+        self.lengths = np.diff(offsets)
+        self.ids = _values(table["input_ids"])
+        self.mask = _values(table["loss_mask"])
+        self.logprobs = _values(table["behaviour_logprobs"])
+        self.sequence_ids = table["sequence_id"].to_pylist()
+        self.group_keys = table["group_key"].to_pylist()
+        self.rewards = table["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
+        self.advantages = np.asarray(advantages, dtype=np.float32)
+        self.weights = np.asarray(weights, dtype=np.float32)
+        self._arange = np.arange(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.lengths.size
+
+    def plan(self, token_budget: int, max_seqs: int | None = None) -> list[np.ndarray]:
+        """Bins of sequence indices (C2 first-fit-decreasing); empty sequences are left out."""
+        nonempty = np.flatnonzero(self.lengths > 0)
+        return [nonempty[b] for b in plan_bins(self.lengths[nonempty], token_budget, max_seqs=max_seqs)]
+
+    def micro_batch(self, members: np.ndarray, *, epoch: int = 0, shard: tuple[int, int, int, int] = (0, 1, 0, 1),
+                    batch_index: int = 0) -> MicroBatch:
+        """Pack the sequences ``members`` (rows of the table) into one micro-batch.
+
+        The result is what C2's :func:`pack` builds from the same sequences (a test holds the
+        two equal), assembled from the flat columns with one copy per sequence. The follower
+        packs this way; the epoch loader packs whole windows at once (:func:`packed_windows`).
+        """
+        members = np.asarray(members, dtype=np.int64)
+        lengths = self.lengths[members]
+        starts = self.starts[members].tolist()
+        ends = (self.starts[members] + lengths).tolist()
+        cu = np.zeros(members.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu[1:])
+        ids = np.concatenate([self.ids[a:b] for a, b in zip(starts, ends)], dtype=np.int64)
+        mask = np.concatenate([self.mask[a:b] for a, b in zip(starts, ends)], dtype=np.float32)
+        logprobs = np.concatenate([self.logprobs[a:b] for a, b in zip(starts, ends)])
+        ramp = self._ramp(int(lengths.max()))
+        positions = np.concatenate([ramp[:n] for n in lengths.tolist()])
+        extras = {
+            "loss_mask": torch.from_numpy(mask)[None],
+            "behaviour_logprobs": torch.from_numpy(logprobs)[None],
+            "advantages": torch.from_numpy(np.repeat(self.advantages[members], lengths))[None],
+            "weights": torch.from_numpy(np.repeat(self.weights[members], lengths))[None],
+        }
+        return MicroBatch(
+            torch.from_numpy(ids)[None], torch.from_numpy(positions)[None], torch.from_numpy(cu.astype(np.int32)),
+            members, extras,
+            sequence_ids=[self.sequence_ids[i] for i in members.tolist()],
+            group_keys=[self.group_keys[i] for i in members.tolist()],
+            rewards=torch.from_numpy(self.rewards[members]),
+            seq_advantages=torch.from_numpy(self.advantages[members]),
+            seq_weights=torch.from_numpy(self.weights[members]),
+            epoch=epoch, shard=shard, batch_index=batch_index,
+        )
+
+    def _ramp(self, n: int) -> np.ndarray:
+        if self._arange.size < n:
+            self._arange = np.arange(max(n, 2 * self._arange.size), dtype=np.int64)
+        return self._arange
+
+
+def _values(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    base = arr.offsets[0].as_py() if len(arr) else 0
+    return arr.values.to_numpy(zero_copy_only=False)[base:]
+
+
+def packed_windows(
+    plan: SequencePlan,
+    bins: list[np.ndarray],
+    advantages: np.ndarray,
+    weights: np.ndarray,
+    *,
+    epoch: int = 0,
+    shard: tuple[int, int, int, int] = (0, 1, 0, 1),
+    first_index: int = 0,
+    window_tokens: int = 1 << 20,
+) -> Iterator[MicroBatch]:
+    """Micro-batches for ``bins`` (sequence rows of ``plan``), packed straight from the stored columns.
+
+    Bins are processed in windows of about ``window_tokens`` tokens: the window's sequences are
+    gathered back to back in one pass per column (Arrow moves runs of stored tokens), and each
+    micro-batch is a slice of the window's arrays. Equal to :meth:`SequenceArrays.micro_batch`
+    on the same bins (a test holds them equal).
+    """
+    ids_col = plan.values["sequence_id"].to_pylist()
+    groups_col = plan.values["group_key"].to_pylist()
+    rewards_col = plan.values["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
+    advantages = np.asarray(advantages, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
+    sizes = np.fromiter((b.size for b in bins), np.int64, len(bins))
+    if not bins:
+        return
+    tokens = np.fromiter((int(plan.lengths[b].sum()) for b in bins), np.int64, len(bins))
+    start = 0
+    while start < len(bins):
+        stop = start + 1
+        budget = tokens[start]
+        while stop < len(bins) and budget + tokens[stop] <= window_tokens:
+            budget += tokens[stop]
+            stop += 1
+        order = np.concatenate(bins[start:stop])
+        lengths = plan.lengths[order]
+        ids, lp, is_gen, piece_len = plan.gather(order)
+        seq_off = np.zeros(order.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=seq_off[1:])
+        ramp = _ramp(int(lengths.max()))
+        # Window-wide [1, T] tensors, cut into micro-batches by torch.split (views, no copies).
+        bin_sizes = sizes[start:stop]
+        bounds = np.zeros(bin_sizes.size + 1, dtype=np.int64)
+        np.cumsum(bin_sizes, out=bounds[1:])
+        bin_tokens = (seq_off[bounds[1:]] - seq_off[bounds[:-1]]).tolist()
+        # Built in Arrow's memory pool, which keeps freed pages: fresh numpy arrays of this size
+        # would be page-faulted in anew for every window.
+        per_token = {
+            "input_ids": _tensor(pc.cast(ids, pa.int64())),
+            "position_ids": _tensor(_gather(ramp, np.zeros(order.size, np.int64), lengths)),
+            "loss_mask": _tensor(_repeat(is_gen.astype(np.float32), piece_len)),
+            "behaviour_logprobs": _tensor(lp),
+            "advantages": _tensor(_repeat(advantages[order], lengths)),
+        }
+        ones = torch.ones(1, 1)
+        cut = {k: torch.split(v, bin_tokens, dim=1) for k, v in per_token.items()}
+        # cu_seqlens of every bin, back to back: 0, then each member's end relative to its bin's start.
+        bin_of_seq = np.repeat(np.arange(bin_sizes.size), bin_sizes)
+        ends = (seq_off[1:] - seq_off[bounds[:-1]][bin_of_seq]).astype(np.int32)
+        cu = torch.split(torch.from_numpy(np.insert(ends, bounds[:-1], 0)), (bin_sizes + 1).tolist())
+        per_seq = [torch.split(torch.from_numpy(v[order]), bin_sizes.tolist())
+                   for v in (rewards_col, advantages, weights)]
+        rows = order.tolist()
+        starts, stops = bounds[:-1].tolist(), bounds[1:].tolist()
+        for j in range(bin_sizes.size):
+            s0, s1 = starts[j], stops[j]
+            yield MicroBatch(
+                cut["input_ids"][j], cut["position_ids"][j], cu[j], order[s0:s1],
+                {"loss_mask": cut["loss_mask"][j], "behaviour_logprobs": cut["behaviour_logprobs"][j],
+                 "advantages": cut["advantages"][j], "weights": _weights(weights[order[s0:s1]], lengths[s0:s1], ones)},
+                sequence_ids=[ids_col[i] for i in rows[s0:s1]],
+                group_keys=[groups_col[i] for i in rows[s0:s1]],
+                rewards=per_seq[0][j], seq_advantages=per_seq[1][j], seq_weights=per_seq[2][j],
+                epoch=epoch, shard=shard, batch_index=first_index + start + j,
+            )
+        start = stop
+
+
+def _tensor(arr: pa.Array) -> torch.Tensor:
+    """``[1, n]`` tensor over a freshly built Arrow array's memory (no copy)."""
+    return torch.from_numpy(_writable(arr))[None]
+
+
+def _repeat(values: np.ndarray, counts: np.ndarray) -> pa.Array:
+    """``np.repeat(values, counts)`` computed by Arrow (run-end decoding), in Arrow's memory pool."""
+    keep = counts > 0
+    ends = np.cumsum(counts[keep]).astype(np.int32)
+    return pc.run_end_decode(pa.RunEndEncodedArray.from_arrays(pa.array(ends), pa.array(values[keep])))
+
+
+def _weights(w: np.ndarray, lengths: np.ndarray, ones: torch.Tensor) -> torch.Tensor:
+    """Per-token weights of a micro-batch; all ones (the dataset) is a broadcast view, not memory."""
+    if (w == 1.0).all():
+        return ones.expand(1, int(lengths.sum()))
+    return torch.from_numpy(np.repeat(w, lengths))[None]
+
+
+def _writable(arr: pa.Array) -> np.ndarray:
+    """A writable numpy view of a freshly built Arrow array (torch refuses read-only memory);
+    copies only when Arrow does not hand out its buffer as mutable."""
+    buf = arr.buffers()[1]
+    if arr.null_count == 0 and buf is not None and buf.is_mutable:
+        dtype = arr.type.to_pandas_dtype()
+        return np.frombuffer(buf, dtype=dtype)[arr.offset: arr.offset + len(arr)]
+    return arr.to_numpy(zero_copy_only=False).copy()
+
+
+_RAMP = pa.array(np.arange(0, dtype=np.int64))
+
+
+def _ramp(n: int) -> pa.Array:
+    """0, 1, 2, ... as an Arrow array of at least ``n`` values (positions are runs of it)."""
+    global _RAMP
+    if len(_RAMP) < n:
+        _RAMP = pa.array(np.arange(max(n, 2 * len(_RAMP)), dtype=np.int64))
+    return _RAMP
+
+
+def micro_batches(table: pa.Table, token_budget: int, *, advantages: np.ndarray | None = None,
+                  weights: np.ndarray | None = None, max_seqs: int | None = None, epoch: int = 0) -> list[MicroBatch]:
+    """Pack a whole C1 sequence table into micro-batches of at most ``token_budget`` tokens each."""
+    n = table.num_rows
+    adv = np.zeros(n, np.float32) if advantages is None else advantages
+    w = np.ones(n, np.float32) if weights is None else weights
+    arrays = SequenceArrays(table, adv, w)
+    bins = arrays.plan(token_budget, max_seqs)
+    return [arrays.micro_batch(b, epoch=epoch, batch_index=i) for i, b in enumerate(bins)]
