@@ -524,6 +524,8 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="Context limit (default: the model's).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model name in responses.")] = None,
     policy_version: Annotated[int, typer.Option(help="Policy version stamped on calls at start.")] = 0,
+    flush_seconds: Annotated[float, typer.Option(help="Write recorded calls at most this many seconds after they "
+                                                       "happen (lower: live tape followers see them sooner).")] = 5.0,
     upstream_timeout: Annotated[float, typer.Option(help="vllm: seconds to wait for an answer before 504.")] = 600.0,
     vllm_log: Annotated[str | None, typer.Option(help="vllm without --upstream: log file of the started server.")] = None,
     vllm_arg: Annotated[list[str] | None, typer.Option(help="vllm without --upstream: extra argument for the started "
@@ -538,13 +540,66 @@ def serve(
         host=host, port=port, tape=tape, engine=engine.value, model=model, upstream=upstream, api_key=api_key,
         tokenizer=tokenizer, chat_template=chat_template, eos_token=eos_token, tool_parser=tool_parser,
         reasoning=reasoning, device=device, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
-        served_model_name=served_model_name, policy_version=policy_version, vllm_log=vllm_log,
+        served_model_name=served_model_name, policy_version=policy_version, flush_seconds=flush_seconds,
+        vllm_log=vllm_log,
         upstream_timeout=upstream_timeout, vllm_args=tuple(vllm_arg or ()),
     )
     # In-flight requests get 10 s to finish on SIGTERM/SIGINT; then they are cancelled and the
     # tape writer is closed (a Gym call with thousands of max_tokens must not hold the stop).
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=10)
+
+
+@app.command()
+@_friendly
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Run directory: tape, validation tape, weights, metrics.jsonl, curve.png.")],
+    env: Annotated[str, typer.Option("--env", help="Built-in environment to train on (see gymtape record --list-envs).")] = "plus",
+    model: Annotated[str | None, typer.Option(help="Initial checkpoint dir (default: embedded SmolLM2-135M-Instruct).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (each bumps the served policy version).")] = 100,
+    groups_per_step: Annotated[int, typer.Option(help="Tasks per step (GRPO groups).")] = 8,
+    group_size: Annotated[int, typer.Option(help="Rollouts per task.")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Max tokens per answer (training and validation).")] = 16,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of training rollouts.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-5,
+    max_staleness: Annotated[int, typer.Option(help="0: on-policy; K: sampling runs up to K versions ahead (async).")] = 0,
+    correction: Annotated[str, typer.Option(help="Mismatch correction: tis, mis-token, mis-sequence, geo-mask, none.")] = "tis",
+    is_cap: Annotated[float, typer.Option(help="TIS cap on the per-token ratio.")] = 2.0,
+    is_low: Annotated[float | None, typer.Option(help="MIS / geo-mask lower ratio bound (default per correction).")] = None,
+    is_high: Annotated[float | None, typer.Option(help="MIS / geo-mask upper ratio bound (default per correction).")] = None,
+    clip_low: Annotated[float, typer.Option(help="PPO clip: ratio >= 1 - clip_low.")] = 0.2,
+    clip_high: Annotated[float, typer.Option(help="PPO clip: ratio <= 1 + clip_high.")] = 0.28,
+    aggregate: Annotated[str, typer.Option(help="Loss aggregation: token-mean or seq-mean-token-mean.")] = "token-mean",
+    val_every: Annotated[int, typer.Option(help="Validate every N steps (0: only first and last).")] = 10,
+    val_tasks: Annotated[int, typer.Option(help="Validation tasks (greedy, from the env's validation split).")] = 64,
+    val_samples: Annotated[int, typer.Option(help="Also sample each validation task N times at --temperature "
+                                             "(val_reward_sampled); 0: greedy only.")] = 0,
+    serve_dtype: Annotated[str, typer.Option(help="Dtype of the sampling server's engine.")] = "float32",
+    threads: Annotated[int | None, typer.Option(help="torch threads for the trainer.")] = None,
+    serve_threads: Annotated[int | None, typer.Option(help="torch threads for the sampling server (async mode on a "
+                                                           "small CPU machine: split the cores).")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds task order, sampling and torch.")] = 0,
+    port: Annotated[int, typer.Option(help="Port of the sampling server (0: a free one).")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Rollouts in flight while collecting.")] = 64,
+    plot: Annotated[bool, typer.Option(help="Write curve.png at the end.")] = True,
+) -> None:
+    """Reference GRPO loop: serve the policy, record rollouts, follow the tape, update, push weights."""
+    from trainer_bridge._train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(out=out, env=env, model=model, steps=steps, groups_per_step=groups_per_step,
+                      group_size=group_size, max_tokens=max_tokens, temperature=temperature, lr=lr,
+                      max_staleness=max_staleness, correction=correction, is_cap=is_cap, is_low=is_low, is_high=is_high,
+                      clip_low=clip_low, clip_high=clip_high, aggregate=aggregate, val_every=val_every,
+                      val_tasks=val_tasks, val_samples=val_samples, serve_dtype=serve_dtype, threads=threads, serve_threads=serve_threads,
+                      seed=seed, port=port,
+                      concurrency=concurrency, plot=plot)
+    report = run_train(cfg, log=lambda line: err.print(line, highlight=False, markup=False))
+    base, final = report.base_val_reward, report.final_val_reward
+    delta = f" ({final - base:+.3f})" if base is not None and final is not None else ""
+    err.print(f"trained {steps} steps in {report.seconds:.0f} s; policy version {report.final_version}; validation "
+              f"reward {base if base is None else f'{base:.3f}'} -> {final if final is None else f'{final:.3f}'}{delta}; "
+              f"metrics: {report.metrics_path}" + (f"; plot: {report.plot_path}" if report.plot_path else ""),
+              highlight=False)
 
 
 def main() -> None:

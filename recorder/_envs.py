@@ -84,6 +84,9 @@ class BuiltinEnv:
     tools: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]]
     verify: Callable[[dict[str, Any], str | None], tuple[float, dict[str, Any]]]
     make_task: Callable[[random.Random], dict[str, Any]]
+    #: Which split a generated task may go to (None: any). Lets an env hold out questions, so
+    #: its validation split measures questions the training split never asks.
+    in_split: Callable[[dict[str, Any], str], bool] | None = None
 
     def tasks_path(self, split: str = "train") -> Path:
         if split not in SPLITS:
@@ -118,12 +121,35 @@ def _calculator_task(rng: random.Random) -> dict[str, Any]:
     }
 
 
+def _plus_task(rng: random.Random) -> dict[str, Any]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return {
+        "responses_create_params": {"input": [
+            {"role": "user", "content": f"What is {a} plus {b}?", "type": "message"},
+        ]},
+        "expected_answer": str(a + b),
+    }
+
+
+def _plus_split(task: dict[str, Any], split: str) -> bool:
+    """27 of the 81 (a, b) pairs, those with (a + 2b) % 3 == 0, are validation-only."""
+    a, b = map(int, _INT.findall(task["responses_create_params"]["input"][-1]["content"]))
+    return ((a + 2 * b) % 3 == 0) == (split == "validation")
+
+
 BUILTIN_ENVS: dict[str, BuiltinEnv] = {
     "addition": BuiltinEnv("addition", "single step: add two numbers, verified by the last integer in the answer",
                            max_steps=1, tools={}, verify=_verify_number, make_task=_addition_task),
     "calculator": BuiltinEnv("calculator", "multi-step: call a calculator tool, then answer; verified like addition",
                              max_steps=4, tools={"calculator": _calculator}, verify=_verify_number,
                              make_task=_calculator_task),
+    # The training demo's task (`gymtape train`, docs/trainer-bridge.md): the embedded SmolLM2-135M
+    # knows single-digit sums but mostly starts explaining ("To find 8 plus 6, we ...") and runs
+    # out of tokens before the number. With max_tokens 16 it scores about 0.1 sampled (0.05 greedy on
+    # the validation split); answering first ("8 + 6 = 14") is a behaviour GRPO learns in ten steps.
+    "plus": BuiltinEnv("plus", "single step: add two digits asked in words ('What is 8 plus 6?'), no system prompt; "
+                       "verified by the last integer in the answer; validation asks pairs training never does",
+                       max_steps=1, tools={}, verify=_verify_number, make_task=_plus_task, in_split=_plus_split),
 }
 
 
@@ -137,4 +163,11 @@ def builtin_env(name: str) -> BuiltinEnv:
 def make_tasks(env: BuiltinEnv, split: str, n: int) -> list[dict[str, Any]]:
     """The bundled task files, reproducibly: the split name seeds the generator."""
     rng = random.Random(f"{env.name}/{split}")
-    return [env.make_task(rng) for _ in range(n)]
+    if env.in_split is None:
+        return [env.make_task(rng) for _ in range(n)]
+    tasks: list[dict[str, Any]] = []
+    while len(tasks) < n:
+        task = env.make_task(rng)
+        if env.in_split(task, split):
+            tasks.append(task)
+    return tasks

@@ -69,6 +69,9 @@ class ServeConfig:
     served_model_name: str | None = None
     #: Policy version stamped on calls until /admin/weights changes it.
     policy_version: int = 0
+    #: Seconds a recorded call may wait in memory before it is written (what a live tape
+    #: follower, e.g. `gymtape train`, waits for at most).
+    flush_seconds: float = 5.0
     #: vllm: seconds to wait for the upstream's answer before a 504.
     upstream_timeout: float = 600.0
     #: vllm without --upstream: port and log of the supervised vLLM.
@@ -309,7 +312,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             builder = PromptBuilder(tokenizer, chat_template=config.chat_template, eos_token=config.eos_token)
             ident = tokenizer_identity(tok_dir) if Path(tok_dir).is_dir() else None
-            log = CallLog(config.tape, tokenizer=ident)
+            log = CallLog(config.tape, tokenizer=ident, flush_seconds=config.flush_seconds)
             if log.writer is not None:
                 runs = Path(log.writer.path) / RUNS_DIR
                 runs.mkdir(exist_ok=True)

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import httpx
 import orjson
 
 from ._engine import EngineError, Generation, SamplingParams
+from ._process import stop_process_group
 
 
 _JSON_HEADERS = {"content-type": "application/json"}
@@ -192,11 +192,4 @@ class VLLMProcess:
         raise EngineError(f"vLLM did not become healthy within {timeout:g} s; see {self.log_path}", 504, "upstream_timeout")
 
     def stop(self, grace: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_process_group(self.proc, grace)

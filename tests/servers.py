@@ -7,16 +7,13 @@ fixed delay. Logs go to files so a failing test can show them.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from recorder._process import log_tail, stop_process_group, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("GYMTAPE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -35,32 +32,17 @@ class Server:
     log: Path
 
     def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+        return log_tail(self.log, n)
 
     def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        tick = threading.Event()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            tick.wait(0.2)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
+        def fail(reason: str) -> RuntimeError:
+            self.stop()
+            return RuntimeError(f"server {reason}:\n{self.log_tail()}")
+
+        wait_healthy(self.proc, self.url, timeout, fail=fail, poll=0.2)
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process_group(self.proc, timeout)
 
 
 def start(args: list[str], log: Path, port: int, env: dict[str, str] | None = None, timeout: float = 300) -> Server:

@@ -1,11 +1,17 @@
 """gymtape trainer bridge: tapes into on-policy and asynchronous off-policy update loops.
 
 Sequences (``build_sequences``), packing (``plan_bins``/``pack``), an epoch dataset
-(``TapeDataset``), a live-tape follower (``TapeFollower``) and SFT/DPO exports; see
+(``TapeDataset``), a live-tape follower (``TapeFollower``), SFT/DPO exports, policy-loss helpers
+with train-inference mismatch corrections (``policy_loss``) and a reference GRPO loop (``train``); see
 docs/trainer-bridge.md. Tapes are read through :class:`recorder.Tape`.
 """
 
 from ._logprobs import packed_token_logprobs
+from ._losses import (
+    CORRECTIONS, ISCorrection, correction_weights, geometric_mask, logprobs_from_logits, masked_is_weights,
+    mismatch_metrics, policy_loss, sequence_index, truncated_is_weights,
+)
+from ._train import TrainConfig, TrainError, TrainReport, plot_curve, train
 from ._packing import PackedBatch, pack, plan_bins
 from ._advantages import group_advantages
 from ._dataset import ResumeStateError, TapeDataset, TapeLoader
@@ -19,4 +25,7 @@ __all__: list[str] = [
     "SEQUENCE_SCHEMA", "FollowerBatch", "FollowerStats", "FollowerTimeout", "MicroBatch", "ResumeStateError",
     "TapeDataset", "TapeFilters", "TapeFollower", "TapeLoader", "group_advantages", "micro_batches",
     "DPO_SCHEMA", "SFT_SCHEMA", "ExportError", "ExportReport", "export_dpo", "export_sft",
-    "PackedBatch", "build_sequences", "pack", "packed_token_logprobs", "plan_bins"]
+    "PackedBatch", "build_sequences", "pack", "packed_token_logprobs", "plan_bins",
+    "CORRECTIONS", "ISCorrection", "correction_weights", "geometric_mask", "logprobs_from_logits", "masked_is_weights",
+    "mismatch_metrics", "policy_loss", "sequence_index", "truncated_is_weights",
+    "TrainConfig", "TrainError", "TrainReport", "plot_curve", "train"]

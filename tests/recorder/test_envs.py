@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 import pytest
 
@@ -37,3 +39,19 @@ def test_bundled_task_files_match_their_generator(name: str, split: str) -> None
     lines = [orjson.loads(x) for x in env.tasks_path(split).read_bytes().splitlines()]
     assert lines == make_tasks(env, split, len(lines)) and len(lines) >= 64
     assert all("expected_answer" in t and t["responses_create_params"]["input"] for t in lines)
+
+
+def test_plus_validation_asks_only_pairs_training_never_does() -> None:
+    env = builtin_env("plus")
+
+    def pairs(split: str) -> set[tuple[int, ...]]:
+        lines = [orjson.loads(x) for x in env.tasks_path(split).read_bytes().splitlines()]
+        texts = [t["responses_create_params"]["input"][-1]["content"] for t in lines]
+        asked = [tuple(map(int, re.findall(r"\d+", text))) for text in texts]
+        assert all(int(t["expected_answer"]) == sum(pair) for t, pair in zip(lines, asked))
+        return set(asked)
+
+    train, validation = pairs("train"), pairs("validation")
+    # 54 training pairs, 27 validation-only ones (64 validation tasks draw 23 of them)
+    assert not train & validation and len(train) == 54 and len(validation) >= 20
+    assert env.verify({"expected_answer": "14"}, "8 + 6 = 14") == (1.0, {"extracted_answer": 14})

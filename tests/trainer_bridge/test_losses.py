@@ -105,7 +105,8 @@ def test_ppo_clip_stops_the_gradient_only_where_the_clipped_term_is_smaller() ->
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
     loss, metrics = policy_loss(lp, old, adv, torch.ones(4), old_logprobs=old, clip_low=0.2, clip_high=0.28,
                                 correction=ISCorrection("none"))
-    # per token: -min(rA, clip(r)A): 1.5,A=1 -> -1.28 (clipped); 0.5,A=1 -> -0.5; 1.5,A=-1 -> 1.5; 0.5,A=-1 -> 0.8 (clipped)
+    # per token -min(rA, clip(r)A): r=1.5,A=1 -> -1.28 (clipped); r=0.5,A=1 -> -0.5;
+    #                                r=1.5,A=-1 -> 1.5; r=0.5,A=-1 -> 0.8 (clipped)
     assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.5 + 0.8) / 4)
     loss.backward()
     # d/dlp of -r*A/4 = -r*A/4 where unclipped; 0 where clipped

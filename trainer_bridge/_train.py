@@ -1,0 +1,597 @@
+"""`gymtape train`: a reference GRPO loop on one machine, closing the loop through a tape.
+
+Pieces, all real: ``gymtape serve --engine hf`` (a subprocess) samples the policy and records
+every call with its policy version; the recorder API runs a built-in environment against it
+(each round: ``groups_per_step`` tasks × ``group_size`` rollouts, joined to the server's calls);
+a :class:`~trainer_bridge.TapeFollower` tails the tape and hands over complete groups with GRPO
+advantages once they are within ``max_staleness`` versions of the trainer; the trainer scores
+them with :func:`~trainer_bridge.packed_token_logprobs` under autograd, takes one AdamW step on
+:func:`~trainer_bridge.policy_loss` (clipped, with a train-inference mismatch correction), saves
+the weights (safetensors) and POSTs them to the server's ``/admin/weights``, which bumps the
+policy version stamped on every later call.
+
+``max_staleness=0`` is on-policy: round s is sampled only after update s-1 is live. With
+``max_staleness=K`` the collector thread runs up to K rounds ahead of the trainer, so sampling
+overlaps training and each batch is at most K versions old (the correction weight
+``π_old/μ`` then covers staleness as well as kernel mismatch).
+
+Validation: every ``val_every`` steps (and before the first and after the last), the first
+``val_tasks`` tasks of the environment's validation split are answered greedily (temperature 0)
+through the same server and recorded to ``OUT/validation`` (its own tape; the server also
+logs those calls in ``OUT/tape`` as calls without a rollout row, which the follower never uses).
+
+Outputs in ``OUT``: ``tape/``, ``validation/``, ``weights/step-N/`` (the latest ``keep_checkpoints``),
+``metrics.jsonl`` (one row per step, step 0 = the base model's validation), ``curve.png``,
+``serve.log``, ``config.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+from recorder import GymtapeError
+from recorder._fsutil import write_bytes_atomic
+from recorder._process import log_tail, stop_process_group, wait_healthy
+
+from ._losses import CORRECTIONS, ISCorrection, policy_loss, sequence_index
+
+
+class TrainError(GymtapeError):
+    """The training loop cannot start or continue (bad settings, the server died, no data)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything `gymtape train` needs; CLI flags map onto these fields one to one."""
+
+    #: Run directory (created; must not hold an earlier run's metrics.jsonl).
+    out: Path
+    #: Built-in environment (recorder._envs) to train on.
+    env: str = "plus"
+    #: Initial checkpoint (default: the embedded SmolLM2-135M-Instruct).
+    model: str | None = None
+    steps: int = 100
+    #: Tasks per round, and rollouts per task (the GRPO group).
+    groups_per_step: int = 8
+    group_size: int = 4
+    #: Sampling for training rollouts (validation is greedy with the same max_tokens).
+    temperature: float = 1.0
+    max_tokens: int = 16
+    #: AdamW.
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    max_grad_norm: float = 1.0
+    #: PPO clip range (clip-higher: clip_high > clip_low).
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    #: Train-inference mismatch correction (trainer_bridge._losses.ISCorrection).
+    correction: str = "tis"
+    is_cap: float = 2.0
+    is_low: float | None = None
+    is_high: float | None = None
+    #: Loss aggregation: token-mean (DAPO) or seq-mean-token-mean (GRPO as published).
+    aggregate: str = "token-mean"
+    #: GRPO advantage: divide by the group's std (False: Dr. GRPO).
+    std_normalize: bool = True
+    #: 0: on-policy. K > 0: sampling runs up to K versions ahead of the trainer.
+    max_staleness: int = 0
+    #: Validation every N steps (0: only before the first and after the last step).
+    val_every: int = 10
+    val_tasks: int = 64
+    #: Also sample each validation task this many times at ``temperature`` (0: greedy only):
+    #: ``val_reward_sampled`` is the policy's expected reward, what the RL objective moves.
+    val_samples: int = 0
+    #: Trainer micro-batch size in tokens (packed, no padding).
+    token_budget: int = 4096
+    #: Server engine dtype (the trainer keeps fp32 master weights and computes in fp32).
+    serve_dtype: str = "float32"
+    #: torch threads for the trainer and for the server process (None: torch's default). On a
+    #: small CPU machine in async mode, give each a share of the cores: both run at once.
+    threads: int | None = None
+    serve_threads: int | None = None
+    seed: int = 0
+    #: Server port (0: a free one).
+    port: int = 0
+    #: Rollouts in flight while collecting.
+    concurrency: int = 64
+    #: Checkpoints kept under weights/ (the latest ones; the last step's is always kept).
+    keep_checkpoints: int = 2
+    #: Seconds the trainer waits for a batch, and for the server to start.
+    batch_timeout: float = 600.0
+    server_timeout: float = 300.0
+    #: Write curve.png at the end.
+    plot: bool = True
+
+    def validate(self) -> None:
+        from recorder._envs import BUILTIN_ENVS
+
+        if self.env not in BUILTIN_ENVS:
+            raise TrainError(f"no built-in environment {self.env!r}; built-in: {', '.join(BUILTIN_ENVS)}")
+        positive = {"steps": self.steps, "groups_per_step": self.groups_per_step, "max_tokens": self.max_tokens,
+                    "val_tasks": self.val_tasks, "token_budget": self.token_budget, "concurrency": self.concurrency,
+                    "keep_checkpoints": self.keep_checkpoints}
+        bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+        bad += [f"{k}={v}" for k, v in (("threads", self.threads), ("serve_threads", self.serve_threads))
+                if v is not None and v < 1]
+        if self.group_size < 2:
+            bad.append(f"group_size={self.group_size} (GRPO needs at least 2 rollouts per task)")
+        if self.lr <= 0 or self.max_tokens < 1 or self.temperature <= 0:
+            bad.append(f"lr={self.lr}, temperature={self.temperature} (both must be > 0)")
+        if self.max_staleness < 0 or self.val_every < 0 or self.val_samples < 0:
+            bad.append(f"max_staleness={self.max_staleness}, val_every={self.val_every}, "
+                       f"val_samples={self.val_samples} (must be >= 0)")
+        if self.correction not in CORRECTIONS:
+            bad.append(f"correction={self.correction!r} (one of {', '.join(CORRECTIONS)})")
+        if self.aggregate not in ("token-mean", "seq-mean-token-mean"):
+            bad.append(f"aggregate={self.aggregate!r} (token-mean or seq-mean-token-mean)")
+        if bad:
+            raise TrainError("invalid training settings: " + "; ".join(bad))
+        try:
+            self.is_correction()
+        except ValueError as e:
+            raise TrainError(f"invalid correction settings: {e}") from None
+
+    def is_correction(self) -> ISCorrection:
+        kind: Any = self.correction
+        return ISCorrection(kind, cap=self.is_cap, low=self.is_low, high=self.is_high)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class TrainReport:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    final_version: int = 0
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+
+    @property
+    def validation(self) -> list[tuple[int, float]]:
+        return [(r["step"], r["val_reward"]) for r in self.rows if r.get("val_reward") is not None]
+
+    @property
+    def base_val_reward(self) -> float | None:
+        v = self.validation
+        return v[0][1] if v else None
+
+    @property
+    def final_val_reward(self) -> float | None:
+        v = self.validation
+        return v[-1][1] if v else None
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _ServeProcess:
+    """`gymtape serve --engine hf` as a child process; ready when its /health answers."""
+
+    def __init__(self, model_dir: str, tape: Path, log: Path, *, port: int, dtype: str, max_batch_size: int,
+                 threads: int | None = None) -> None:
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        args = [sys.executable, "-m", "cli", "serve", "--engine", "hf", "--model", model_dir, "--tape", str(tape),
+                "--port", str(self.port), "--dtype", dtype, "--max-batch-size", str(max_batch_size),
+                "--flush-seconds", "0.2"]  # the follower waits for the calls: write them promptly
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op pool in the server
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+    def log_tail(self, n: int = 3000) -> str:
+        return log_tail(self.log, n)
+
+    def wait_ready(self, timeout: float) -> None:
+        def fail(reason: str) -> TrainError:
+            self.stop()
+            return TrainError(f"gymtape serve {reason}; its log ({self.log}):\n{self.log_tail()}")
+
+        wait_healthy(self.proc, self.url, timeout, fail=fail)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise TrainError(f"gymtape serve died (exit {self.proc.returncode}); log ({self.log}):\n{self.log_tail()}")
+
+    def load_weights(self, path: Path) -> int:
+        self.check_alive()
+        r = httpx.post(f"{self.url}/admin/weights", json={"path": str(path)}, timeout=600)
+        if r.status_code != 200:
+            raise TrainError(f"/admin/weights answered {r.status_code}: {r.text[:500]}")
+        return int(r.json()["policy_version"])
+
+    def stop(self, timeout: float = 60) -> None:
+        stop_process_group(self.proc, timeout)
+
+
+# ----------------------------------------------------------------------------- collection
+
+
+def _seed(*parts: object) -> int:
+    """A per-request sampling seed: every rollout of a run is reproducible, and distinct."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+class _Collector:
+    """Runs rounds of rollouts into the tape, at most ``max_staleness`` rounds ahead of the trainer.
+
+    Round r (1-based) may start once the trainer has finished step ``r - 1 - max_staleness``,
+    so with max_staleness 0 it is sampled by exactly the weights of update r - 1.
+    """
+
+    def __init__(self, cfg: TrainConfig, tape: Path, model_url: str) -> None:
+        from recorder._collect import EnvConfig
+        from recorder._envs import builtin_env
+
+        self.cfg = cfg
+        self.tape = tape
+        self.model_url = model_url
+        env = builtin_env(cfg.env)
+        self.tasks = [orjson.loads(x) for x in env.tasks_path("train").read_bytes().splitlines() if x.strip()]
+        self.base_env = EnvConfig(name=cfg.env, builtin=cfg.env, model_url=model_url, repeats=cfg.group_size,
+                                  sampling={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens})
+        self.order: list[int] = []
+        self.rng = random.Random(cfg.seed)
+        self.cond = threading.Condition()
+        self.steps_done = 0
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def _round_tasks(self) -> list[int]:
+        picked = []
+        while len(picked) < self.cfg.groups_per_step:
+            if not self.order:  # a fresh shuffle of the training split each epoch
+                self.order = list(range(len(self.tasks)))
+                self.rng.shuffle(self.order)
+            picked.append(self.order.pop())
+        return picked
+
+    def collect_round(self, r: int) -> dict[str, Any]:
+        from recorder._collect import EnvConfig, RecordConfig, Recorder, _Item
+
+        items = []
+        for ti in self._round_tasks():
+            for rep in range(self.cfg.group_size):
+                env = EnvConfig(**{**asdict(self.base_env),
+                                   "sampling": {**self.base_env.sampling, "seed": _seed(self.cfg.seed, r, ti, rep)}})
+                items.append(_Item(env, ti, rep, self.tasks[ti]))
+        config = RecordConfig(tape=self.tape, envs=[self.base_env], concurrency=self.cfg.concurrency, retries=1)
+        t0 = time.perf_counter()
+        report = asyncio.run(Recorder(config).run(items))
+        return {"round": r, "rollouts": report.done, "failed": report.failed, "truncated": report.truncated,
+                "reward_mean": report.reward_sum / max(1, report.done), "tokens": report.tokens,
+                "collect_s": time.perf_counter() - t0}
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="gymtape-train-collector", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for r in range(1, self.cfg.steps + 1):
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stopped or self.steps_done >= r - 1 - self.cfg.max_staleness)
+                    if self.stopped:
+                        return
+                info = self.collect_round(r)
+                with self.cond:
+                    self.rounds[r] = info
+                    self.cond.notify_all()
+        except BaseException as e:  # surfaced to the trainer thread
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def step_done(self, step: int) -> None:
+        with self.cond:
+            self.steps_done = step
+            self.cond.notify_all()
+
+    def round_info(self, r: int) -> dict[str, Any] | None:
+        with self.cond:
+            return self.rounds.get(r)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise TrainError(f"collecting rollouts failed: {type(self.error).__name__}: {self.error}") from self.error
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=120)
+
+
+def _validate(cfg: TrainConfig, tape: Path, model_url: str) -> dict[str, Any]:
+    """Greedy answers to the first ``val_tasks`` validation tasks (and, with ``val_samples``,
+    sampled ones at the training temperature); a failed rollout scores 0."""
+    from recorder._collect import EnvConfig, RecordConfig, record
+    from recorder._envs import builtin_env
+
+    # The first val_tasks validation tasks, as their own task file (record's --limit counts rollouts).
+    tasks = cfg.out / "validation_tasks.jsonl"
+    if not tasks.exists():
+        lines = builtin_env(cfg.env).tasks_path("validation").read_bytes().splitlines(keepends=True)
+        write_bytes_atomic(tasks, b"".join(lines[: cfg.val_tasks]))
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    runs = [("val_reward", 1, {"temperature": 0.0, "max_tokens": cfg.max_tokens})]
+    if cfg.val_samples:
+        runs.append(("val_reward_sampled", cfg.val_samples, {"temperature": cfg.temperature,
+                                                              "max_tokens": cfg.max_tokens}))
+    for key, repeats, sampling in runs:
+        env = EnvConfig(name=f"{cfg.env}-validation", builtin=cfg.env, model_url=model_url, tasks=tasks,
+                        repeats=repeats, sampling=sampling)
+        report = record(RecordConfig(tape=tape, envs=[env], concurrency=cfg.concurrency, retries=1))
+        out[key] = report.reward_sum / max(1, report.done)
+        out["val_failed"] = out.get("val_failed", 0) + report.failed
+    out["val_s"] = time.perf_counter() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def _update(model: Any, optimizer: Any, batch: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """One optimiser step on a follower batch; groups without reward spread are skipped (no gradient)."""
+    import torch
+
+    from ._logprobs import packed_token_logprobs
+    from ._microbatch import micro_batches
+
+    table = batch.table
+    adv = table["advantage"].to_numpy(zero_copy_only=False)
+    weights = table["weight"].to_numpy(zero_copy_only=False)
+    rewards = table["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
+    staleness = table["staleness"].to_numpy(zero_copy_only=False)
+    out: dict[str, Any] = {
+        "sequences": table.num_rows, "reward_batch": float(np.nanmean(rewards)) if rewards.size else None,
+        "staleness_mean": float(staleness.mean()) if staleness.size else None,
+        "staleness_max": int(staleness.max()) if staleness.size else None,
+    }
+    live = np.flatnonzero((adv != 0) & (weights > 0))
+    out["sequences_trained"] = int(live.size)
+    if live.size == 0:
+        out.update(loss=0.0, tokens=0, grad_norm=0.0, updated=False)
+        return out
+    sub = table.take(live)
+    mbs = micro_batches(sub, cfg.token_budget, advantages=adv[live], weights=weights[live])
+    n_tokens = float(sum(float(mb.extras["loss_mask"].sum()) for mb in mbs))
+    n_seqs = float(live.size)
+    correction = cfg.is_correction()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    gathered: dict[str, list[tuple[float, float]]] = {}
+    for mb in mbs:
+        lp = packed_token_logprobs(model, mb, temperature=cfg.temperature)
+        seq = sequence_index(mb.cu_seqlens)
+        loss, m = policy_loss(
+            lp, mb.extras["behaviour_logprobs"], mb.extras["advantages"], mb.extras["loss_mask"],
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, correction=correction, weights=mb.extras["weights"],
+            seq_index=seq, aggregate=cfg.aggregate,  # type: ignore[arg-type]
+            normalizer=n_tokens if cfg.aggregate == "token-mean" else n_seqs)
+        loss.backward()
+        total += float(loss.detach())
+        w = float(m["tokens"] or 0)
+        for k, v in m.items():
+            if v is not None and k != "tokens":
+                gathered.setdefault(k, []).append((v, w))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainError(f"non-finite gradient norm ({grad_norm}); lower --lr or check the data")
+    optimizer.step()
+    for k, pairs in gathered.items():  # token-weighted over micro-batches (min/max: extremes)
+        if k.endswith("_min"):
+            out[k] = min(v for v, _ in pairs)
+        elif k.endswith("_max"):
+            out[k] = max(v for v, _ in pairs)
+        else:
+            out[k] = sum(v * w for v, w in pairs) / max(1e-12, sum(w for _, w in pairs))
+    out.update(loss=total, tokens=int(n_tokens), grad_norm=grad_norm, updated=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _log_line(row: dict[str, Any]) -> str:
+    return (f"step {row['step']:>3} v{row['policy_version']:<3} loss {_fmt(row.get('loss'), '+.4f')} "
+            f"reward {_fmt(row.get('reward_mean'), '.3f')} val {_fmt(row.get('val_reward'), '.3f')}"
+            + (f"/{_fmt(row.get('val_reward_sampled'), '.3f')}s" if "val_reward_sampled" in row else "") + " "
+            f"k3 {_fmt(row.get('kl_k3'), '.1e')} tmpe {_fmt(row.get('token_mult_prob_error'), '.4f')} "
+            f"IS [{_fmt(row.get('is_weight_min'), '.3f')}, {_fmt(row.get('is_weight_max'), '.3f')}] "
+            f"stale {_fmt(row.get('staleness_mean'), '.2f')}/{_fmt(row.get('staleness_max'), 'd')} "
+            f"tok {row.get('tokens', 0)} {row.get('seconds', 0):.1f}s")
+
+
+def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> TrainReport:
+    """Run the GRPO loop described in the module docstring; returns the per-step rows."""
+    cfg.validate()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recorder._models import default_model_dir
+
+    from ._filters import TapeFilters
+    from ._follower import TapeFollower
+
+    say = log or (lambda s: print(s, flush=True))
+    out = Path(cfg.out)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():
+        raise TrainError(f"{out} already holds a run ({metrics_path}); pick a new --out")
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_bytes(orjson.dumps(cfg.to_dict(), option=orjson.OPT_INDENT_2))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model_dir = str(cfg.model or default_model_dir())
+    tape, val_tape = out / "tape", out / "validation"
+    t_start = time.perf_counter()
+    server = _ServeProcess(model_dir, tape, out / "serve.log", port=cfg.port, dtype=cfg.serve_dtype,
+                           max_batch_size=max(16, min(cfg.concurrency, 64)), threads=cfg.serve_threads)
+    report = TrainReport(metrics_path=metrics_path)
+    collector: _Collector | None = None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        server.wait_ready(cfg.server_timeout)
+        model_url = f"{server.url}/v1"
+        version = 0
+        follower = TapeFollower(tape, max_staleness=cfg.max_staleness, groups_per_batch=cfg.groups_per_step,
+                                group_size=cfg.group_size, std_normalize=cfg.std_normalize, poll_interval=0.1,
+                                # an answer cut off at max_tokens is a real (usually wrong) sample: keep it
+                                filters=TapeFilters(status=("ok", "truncated")))
+        with open(metrics_path, "ab") as jf:
+            def emit(row: dict[str, Any]) -> None:
+                jf.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+                jf.flush()
+                report.rows.append(row)
+                say(_log_line(row))
+
+            emit({"step": 0, "policy_version": 0, **_validate(cfg, val_tape, model_url),
+                  "elapsed_s": time.perf_counter() - t_start})
+            collector = _Collector(cfg, tape, model_url)
+            collector.start()
+            checkpoints: list[Path] = []
+            for step in range(1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                batch = _next_batch(follower, version, cfg, collector, server)
+                t_batch = time.perf_counter()
+                upd = _update(model, optimizer, batch, cfg)
+                t_train = time.perf_counter()
+                if upd["updated"]:
+                    ckpt = out / "weights" / f"step-{step}"
+                    model.save_pretrained(ckpt, safe_serialization=True)
+                    version = server.load_weights(ckpt)
+                    checkpoints.append(ckpt)
+                    while len(checkpoints) > cfg.keep_checkpoints:
+                        shutil.rmtree(checkpoints.pop(0), ignore_errors=True)
+                t_sync = time.perf_counter()
+                collector.step_done(step)
+                row: dict[str, Any] = {"step": step, "policy_version": version}
+                info = collector.round_info(step)
+                row["reward_mean"] = upd.pop("reward_batch")
+                if info:
+                    row.update(rollouts=info["rollouts"], failed=info["failed"], truncated=info["truncated"],
+                               collect_s=info["collect_s"])
+                row.update({k: v for k, v in upd.items() if k != "updated"})
+                row.update(wait_s=t_batch - t0, train_s=t_train - t_batch, sync_s=t_sync - t_train)
+                if step == cfg.steps or (cfg.val_every and step % cfg.val_every == 0):
+                    row.update(_validate(cfg, val_tape, model_url))
+                row["seconds"] = time.perf_counter() - t0
+                row["elapsed_s"] = time.perf_counter() - t_start
+                emit(row)
+        report.final_version = version
+    finally:
+        if collector is not None:
+            collector.stop()
+        server.stop()
+    report.seconds = time.perf_counter() - t_start
+    if cfg.plot and report.rows:
+        report.plot_path = plot_curve(report.rows, out / "curve.png", title=f"gymtape train: {cfg.env}")
+    return report
+
+
+def _next_batch(follower: Any, version: int, cfg: TrainConfig, collector: _Collector, server: _ServeProcess) -> Any:
+    """The follower's next batch, checking the collector and server while waiting."""
+    from ._follower import FollowerTimeout
+
+    deadline = time.monotonic() + cfg.batch_timeout
+    while True:
+        collector.check()
+        server.check_alive()
+        try:
+            return follower.next_batch(trainer_version=version, timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+        except FollowerTimeout:
+            if time.monotonic() >= deadline:
+                raise TrainError(f"no training batch within {cfg.batch_timeout:.0f} s (follower: "
+                                 f"{follower.stats().to_dict()}); see {server.log}") from None
+
+
+def plot_curve(rows: list[dict[str, Any]], path: Path, *, title: str = "gymtape train") -> Path:
+    """Training reward, validation reward, mismatch and staleness per step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows if r["step"] > 0]
+    reward = [r.get("reward_mean") for r in rows if r["step"] > 0]
+    val = [(r["step"], r["val_reward"]) for r in rows if r.get("val_reward") is not None]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    if steps:
+        ax1.plot(steps, reward, color="tab:blue", alpha=0.35, lw=1, label="train reward (sampled, per step)")
+        r = np.array([np.nan if v is None else v for v in reward], dtype=float)
+        k = min(10, len(r))
+        smooth = np.convolve(np.nan_to_num(r), np.ones(k) / k, mode="valid")
+        ax1.plot(steps[k - 1:], smooth, color="tab:blue", lw=2, label=f"train reward ({k}-step mean)")
+    if val:
+        ax1.plot([s for s, _ in val], [v for _, v in val], "o-", color="tab:red", lw=2,
+                 label="validation reward (greedy, held-out)")
+    sampled = [(r["step"], r["val_reward_sampled"]) for r in rows if r.get("val_reward_sampled") is not None]
+    if sampled:
+        ax1.plot([s for s, _ in sampled], [v for _, v in sampled], "s--", color="tab:orange", lw=2,
+                 label="validation reward (sampled at the training temperature, held-out)")
+    ax1.set_ylabel("reward")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.grid(alpha=0.3)
+    ax1.legend(loc="lower right", fontsize=8)
+    ax1.set_title(title)
+    k3 = [(r["step"], r["kl_k3"]) for r in rows if r.get("kl_k3") is not None]
+    if k3:
+        ax2.semilogy([s for s, _ in k3], [max(v, 1e-12) for _, v in k3], color="tab:purple", lw=1,
+                     label="mismatch k3 KL(sampler‖trainer)")
+        ax2.set_ylabel("k3 (log)")
+    st = [(r["step"], r["staleness_mean"]) for r in rows if r.get("staleness_mean") is not None]
+    if st:
+        ax3 = ax2.twinx()
+        ax3.plot([s for s, _ in st], [v for _, v in st], color="tab:green", lw=1, label="staleness (mean)")
+        ax3.set_ylabel("staleness (versions)")
+        ax3.set_ylim(-0.1, max(1.0, max(v for _, v in st)) + 0.5)
+        ax3.legend(loc="upper right", fontsize=8)
+    ax2.set_xlabel("step")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
