@@ -559,7 +559,7 @@ def train(
     steps: Annotated[int, typer.Option(help="Optimiser steps (each bumps the served policy version).")] = 100,
     groups_per_step: Annotated[int, typer.Option(help="Tasks per step (GRPO groups).")] = 8,
     group_size: Annotated[int, typer.Option(help="Rollouts per task.")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="Max tokens per answer (training and validation).")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Max tokens per answer (training and validation).")] = 32,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of training rollouts.")] = 1.0,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-5,
     max_staleness: Annotated[int, typer.Option(help="0: on-policy; K: sampling runs up to K versions ahead (async).")] = 0,

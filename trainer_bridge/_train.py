@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,7 +75,7 @@ class TrainConfig:
     group_size: int = 4
     #: Sampling for training rollouts (validation is greedy with the same max_tokens).
     temperature: float = 1.0
-    max_tokens: int = 16
+    max_tokens: int = 32
     #: AdamW.
     lr: float = 2e-5
     weight_decay: float = 0.0
@@ -470,6 +471,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
                            max_batch_size=max(16, min(cfg.concurrency, 64)), threads=cfg.serve_threads)
     report = TrainReport(metrics_path=metrics_path)
     collector: _Collector | None = None
+    restore = _exit_on_sigterm()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -525,10 +527,20 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
         if collector is not None:
             collector.stop()
         server.stop()
+        restore()
     report.seconds = time.perf_counter() - t_start
     if cfg.plot and report.rows:
         report.plot_path = plot_curve(report.rows, out / "curve.png", title=f"gymtape train: {cfg.env}")
     return report
+
+
+def _exit_on_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into SystemExit while the loop runs, so its ``finally`` stops the server it
+    started (a plain SIGTERM would leave that child serving); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _next_batch(follower: Any, version: int, cfg: TrainConfig, collector: _Collector, server: _ServeProcess) -> Any:

@@ -5,6 +5,10 @@ holds the 100-step run that shows learning)."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -13,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from recorder import Tape
+from tests.conftest import wait_until
 from trainer_bridge._train import TrainConfig, TrainError, train
 
 pytestmark = pytest.mark.slow
@@ -78,3 +83,38 @@ def test_invalid_settings_are_refused_before_anything_starts(tmp_path: Path) -> 
         with pytest.raises(TrainError):
             train(TrainConfig(out=tmp_path / "x", **bad), log=lambda line: None)  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()
+
+
+def _serve_pids(tape: Path) -> list[int]:
+    """PIDs of `gymtape serve` processes recording to ``tape`` (from /proc)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"serve" in cmd and str(tape).encode() in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the server through /proc (Linux)")
+def test_sigterm_stops_the_loop_and_the_server_it_started(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "term"
+    exe = Path(sys.executable).with_name("gymtape")
+    proc = subprocess.Popen([str(exe), "train", "--out", str(out), "--model", str(model_dir), "--steps", "50",
+                             "--groups-per-step", "1", "--group-size", "2", "--max-tokens", "4", "--val-tasks", "2",
+                             "--threads", "1", "--no-plot"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # the server is up once the base model's validation row is written
+        wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_bytes().strip() != b"",
+                   timeout=240, what="the first metrics row")
+        assert _serve_pids(out / "tape"), "the loop's server is running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) != 0
+        wait_until(lambda: not _serve_pids(out / "tape"), timeout=60, what="the server to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _serve_pids(out / "tape"):
+            os.kill(pid, signal.SIGKILL)
