@@ -39,7 +39,10 @@ kill -TERM "$SERVER"; wait "$SERVER" || true; trap - EXIT
 echo "== 4. gymtape inspect"
 "$BIN/gymtape" inspect "$OUT/tape"
 
-echo "== 5. gymtape export: the same rollouts as NeMo Gym rollout JSONL"
+echo "== 5. gymtape replay: re-score every generated token with the trainer-side model (did the trainer see what the sampler saw?)"
+"$BIN/gymtape" replay "$OUT/tape" --html "$OUT/replay.html" --top 3
+
+echo "== 6. gymtape export: the same rollouts as NeMo Gym rollout JSONL"
 "$BIN/gymtape" export "$OUT/tape" --format gym-jsonl -o "$OUT/rollouts.jsonl"
 
 cat <<EOF_NEXT
@@ -47,5 +50,7 @@ cat <<EOF_NEXT
 Next:
   * the tape is plain Parquet:  $BIN/python -c "import polars as pl; print(pl.scan_parquet('$OUT/tape/calls/*.parquet').select('rollout_id','call_index','prompt_len','policy_version').collect())"
   * point NeMo Gym at it:        $BIN/gymtape serve --tape runs/tape   (Gym: --model-url http://127.0.0.1:8000/v1)
-  * read docs/serve.md, docs/record.md and docs/tape-layout.md
+  * open $OUT/replay.html (one self-contained page: tokens coloured by |Δlogprob|)
+  * run the reference GRPO loop: $BIN/gymtape train --out runs/train-plus --env plus   (docs/trainer-bridge.md)
+  * read docs/serve.md, docs/record.md, docs/replay.md and docs/tape-layout.md
 EOF_NEXT
