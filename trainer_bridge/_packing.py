@@ -17,6 +17,10 @@ import numpy as np
 import torch
 
 
+#: Up to this many open bins, first-fit scans them in Python (per-call numpy overhead dominates).
+_PYTHON_SCAN_BINS = 64
+
+
 def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = None) -> list[np.ndarray]:
     """Group sequence indices into bins of total length <= ``token_budget`` (first-fit-decreasing).
 
@@ -31,23 +35,31 @@ def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = 
         raise ValueError(f"max_seqs must be positive, got {max_seqs}")
     order = np.argsort(-lengths, kind="stable")
     cap = max(len(order), 1)
-    room = np.zeros(cap, dtype=np.int64)  # free tokens per open bin
+    room = np.zeros(cap, dtype=np.int64)  # free tokens per open bin (numpy, for scans over many bins)
     count = np.zeros(cap, dtype=np.int64)  # sequences per open bin
+    room_py: list[int] = []  # the same, as Python ints: a short scan is cheaper in Python than in numpy
+    count_py: list[int] = []
     members: list[list[int]] = []
     limit = max_seqs if max_seqs is not None else np.iinfo(np.int64).max
-    for i in order.tolist():
-        n = int(lengths[i])
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
         nb = len(members)
-        fits = np.flatnonzero((room[:nb] >= n) & (count[:nb] < limit)) if nb else np.empty(0, np.int64)
-        if fits.size and n <= token_budget:
-            b = int(fits[0])
-        else:
-            b = nb
+        b = nb
+        if n <= token_budget and nb:
+            if nb <= _PYTHON_SCAN_BINS:
+                b = next((k for k in range(nb) if room_py[k] >= n and count_py[k] < limit), nb)
+            else:
+                fits = np.flatnonzero((room[:nb] >= n) & (count[:nb] < limit))
+                b = int(fits[0]) if fits.size else nb
+        if b == nb:
             members.append([])
             room[b] = token_budget
+            room_py.append(token_budget)
+            count_py.append(0)
         members[b].append(i)
         room[b] -= n
         count[b] += 1
+        room_py[b] -= n
+        count_py[b] += 1
     return [np.asarray(m, dtype=np.int64) for m in members]
 
 
