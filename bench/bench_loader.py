@@ -84,16 +84,6 @@ def loader_epoch(ds: TapeDataset) -> int:
     return sum(mb.num_tokens for mb in ds)
 
 
-def cpu_best_of(runs: int, fn) -> float:  # noqa: ANN001
-    """Fastest CPU time (user + system) of ``runs`` calls: what other load on the machine inflates least."""
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rollouts", type=int, default=2048)
@@ -124,7 +114,7 @@ def main() -> int:
               f"({stream_rate / 1e6:.2f}M tokens/s, {stream_rate / raw_rate:.2f}x raw)")
         print(f"epoch, sequences planned once at construction (cache=True, {t_build:.3f} s to build): "
               f"{t_cached:.3f} s ({cached_rate / 1e6:.2f}M tokens/s, {cached_rate / raw_rate:.2f}x raw)")
-        cpu = [cpu_best_of(args.runs, f) for f in (lambda: raw_read(tape), lambda: loader_epoch(streaming),
+        cpu = [best_of(args.runs, f, time.process_time) for f in (lambda: raw_read(tape), lambda: loader_epoch(streaming),
                                                   lambda: loader_epoch(cached))]
         print(f"CPU time (user + system), same order: raw {cpu[0]:.3f} s, cache=False {cpu[1]:.3f} s "
               f"({cpu[0] / cpu[1]:.2f}x raw), cache=True {cpu[2]:.3f} s ({cpu[0] / cpu[2]:.2f}x raw)")

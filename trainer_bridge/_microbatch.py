@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ._packing import PackedBatch, plan_bins
+from ._packing import PackedBatch, pack, plan_bins
 from ._sequences import SequencePlan, _gather
 
 #: Per-token arrays every micro-batch carries in ``extras`` (each ``[1, T]`` float32).
@@ -74,7 +74,6 @@ class SequenceArrays:
         self.rewards = table["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
         self.advantages = np.asarray(advantages, dtype=np.float32)
         self.weights = np.asarray(weights, dtype=np.float32)
-        self._arange = np.arange(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.lengths.size
@@ -88,30 +87,20 @@ class SequenceArrays:
                     batch_index: int = 0) -> MicroBatch:
         """Pack the sequences ``members`` (rows of the table) into one micro-batch.
 
-        The result is what C2's :func:`pack` builds from the same sequences (a test holds the
-        two equal), assembled from the flat columns with one copy per sequence. The follower
-        packs this way; the epoch loader packs whole windows at once (:func:`packed_windows`).
+        Built by C2's :func:`pack` from views of the flat columns. The follower and
+        :func:`micro_batches` pack this way; the epoch loader packs whole windows at once
+        (:func:`packed_windows`, a test holds it equal to this).
         """
         members = np.asarray(members, dtype=np.int64)
-        lengths = self.lengths[members]
-        starts = self.starts[members].tolist()
-        ends = (self.starts[members] + lengths).tolist()
-        cu = np.zeros(members.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=cu[1:])
-        ids = np.concatenate([self.ids[a:b] for a, b in zip(starts, ends)], dtype=np.int64)
-        mask = np.concatenate([self.mask[a:b] for a, b in zip(starts, ends)], dtype=np.float32)
-        logprobs = np.concatenate([self.logprobs[a:b] for a, b in zip(starts, ends)])
-        ramp = self._ramp(int(lengths.max()))
-        positions = np.concatenate([ramp[:n] for n in lengths.tolist()])
-        extras = {
-            "loss_mask": torch.from_numpy(mask)[None],
-            "behaviour_logprobs": torch.from_numpy(logprobs)[None],
-            "advantages": torch.from_numpy(np.repeat(self.advantages[members], lengths))[None],
-            "weights": torch.from_numpy(np.repeat(self.weights[members], lengths))[None],
-        }
+        pieces = [slice(int(a), int(a + n)) for a, n in zip(self.starts[members], self.lengths[members])]
+        batch = pack([self.ids[p] for p in pieces], index=members, extras={
+            "loss_mask": [self.mask[p].astype(np.float32) for p in pieces],
+            "behaviour_logprobs": [self.logprobs[p] for p in pieces],
+            "advantages": [np.full(p.stop - p.start, self.advantages[m], np.float32) for p, m in zip(pieces, members)],
+            "weights": [np.full(p.stop - p.start, self.weights[m], np.float32) for p, m in zip(pieces, members)],
+        })
         return MicroBatch(
-            torch.from_numpy(ids)[None], torch.from_numpy(positions)[None], torch.from_numpy(cu.astype(np.int32)),
-            members, extras,
+            batch.input_ids, batch.position_ids, batch.cu_seqlens, members, batch.extras,
             sequence_ids=[self.sequence_ids[i] for i in members.tolist()],
             group_keys=[self.group_keys[i] for i in members.tolist()],
             rewards=torch.from_numpy(self.rewards[members]),
@@ -119,11 +108,6 @@ class SequenceArrays:
             seq_weights=torch.from_numpy(self.weights[members]),
             epoch=epoch, shard=shard, batch_index=batch_index,
         )
-
-    def _ramp(self, n: int) -> np.ndarray:
-        if self._arange.size < n:
-            self._arange = np.arange(max(n, 2 * self._arange.size), dtype=np.int64)
-        return self._arange
 
 
 def _values(col: pa.ChunkedArray) -> np.ndarray:

@@ -73,7 +73,7 @@ class TrainConfig:
     #: Tasks per round, and rollouts per task (the GRPO group).
     groups_per_step: int = 8
     group_size: int = 4
-    #: Sampling for training rollouts (validation is greedy with the same max_tokens).
+    #: Sampling for training rollouts (validation uses the same max_tokens; greedy, plus val_samples).
     temperature: float = 1.0
     max_tokens: int = 32
     #: AdamW.

@@ -177,13 +177,17 @@ def test_filters_select_by_status_reward_env_and_policy_version(tmp_path: Path) 
     assert list(ds) == []  # one rollout alone in its group: degenerate, dropped
 
 
-def test_micro_batches_are_what_c2_pack_builds_from_the_same_sequences(tape: Path) -> None:
+def test_micro_batches_carry_each_sequence_own_tokens_mask_logprobs_and_advantage(tape: Path) -> None:
+    """Micro-batches cut from the sequence table's flat columns match the rows read one by one."""
     from trainer_bridge import micro_batches, pack
 
     seqs = build_sequences(tape)
     rows = seqs.to_pylist()
     adv = np.linspace(-1, 1, len(rows)).astype(np.float32)
-    for mb in micro_batches(seqs, 500, advantages=adv):
+    mbs = micro_batches(seqs, 500, advantages=adv)
+    assert sorted(i for mb in mbs for i in mb.index.tolist()) == [i for i, r in enumerate(rows) if r["input_ids"]]
+    for mb in mbs:
+        assert mb.num_tokens <= 500 or mb.num_seqs == 1
         members = [rows[i] for i in mb.index]
         ref = pack([np.asarray(r["input_ids"], np.int32) for r in members], index=mb.index, extras={
             "loss_mask": [np.asarray(r["loss_mask"], np.float32) for r in members],
