@@ -38,12 +38,19 @@ def best_of(runs: int, fn: Callable[[], object], clock: Callable[[], float] = ti
 
     ``clock=time.process_time`` times CPU (user + system) instead of wall time: what load from
     other processes inflates least, for targets stated per core."""
-    times = []
+    return best_of_each(runs, [fn], clock)[0]
+
+
+def best_of_each(runs: int, fns: list[Callable[[], object]], clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """:func:`best_of` for several contenders taking turns within each round, so a slow spell on
+    a shared machine hits all of them alike instead of whichever happened to run during it."""
+    best = [float("inf")] * len(fns)
     for _ in range(runs):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return min(times)
+        for i, fn in enumerate(fns):
+            t0 = clock()
+            fn()
+            best[i] = min(best[i], clock() - t0)
+    return best
 
 
 def pin_to_one_core() -> None:

@@ -285,7 +285,7 @@ class TapeDataset(IterableDataset):
         if plan is None or skip >= len(bins):
             return
         weights = np.ones(plan.num_sequences, np.float32)
-        window = max(1 << 18, 4 * self.token_budget)
+        window = max(1 << 20, 4 * self.token_budget)
         for batch in packed_windows(plan, bins[skip:], advantages, weights, epoch=epoch, shard=shard,
                                     first_index=skip, window_tokens=window):
             self._consumed[key] = batch.batch_index + 1

@@ -134,7 +134,7 @@ def packed_token_logprobs(
                    **attn_kwargs)
     hidden = out.last_hidden_state[0] if hasattr(out, "last_hidden_state") else out[0][0]
     pos = scored_positions(batch, score_mask).to(device)
-    targets = ids[0, pos]
+    targets = ids[0, pos].long()  # gather wants int64 indices; the batch carries int32
     temp = None
     if isinstance(temperature, torch.Tensor):
         temp = temperature.reshape(-1).to(device=device, dtype=torch.float32)[pos]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,7 @@ import torch
 from ._packing import PackedBatch, pack, plan_bins
 from ._sequences import SequencePlan, _gather
 
-#: Per-token arrays every micro-batch carries in ``extras`` (each ``[1, T]`` float32).
+#: Per-token arrays every micro-batch carries in ``extras`` (each ``[1, T]``).
 EXTRA_KEYS = ("loss_mask", "behaviour_logprobs", "advantages", "weights")
 
 
@@ -27,9 +28,12 @@ EXTRA_KEYS = ("loss_mask", "behaviour_logprobs", "advantages", "weights")
 class MicroBatch(PackedBatch):
     """A :class:`PackedBatch` (so ``packed_token_logprobs`` takes it directly) plus bookkeeping.
 
-    ``extras`` holds ``loss_mask`` (1.0 on generated tokens), ``behaviour_logprobs`` (sampling
-    logprobs, 0.0 off the mask), ``advantages`` (the sequence's advantage on each of its tokens)
-    and ``weights`` (1.0, or the follower's staleness down-weight), all ``[1, T]`` float32.
+    ``extras`` holds ``loss_mask`` (bool, true on generated tokens), ``behaviour_logprobs``
+    (sampling logprobs, 0.0 off the mask), ``advantages`` (the sequence's advantage on each of
+    its tokens) and ``weights`` (1.0, or the follower's staleness down-weight), all ``[1, T]``,
+    the last three float32. The loader hands out these compact dtypes (int32 IDs, bool mask)
+    because they are what crosses worker processes and the host-to-device copy; the loss
+    helpers take them as they are.
     Per-sequence lists/tensors follow ``index`` order (packed order). The tensors may be views
     of a larger buffer (all-ones ``weights`` a broadcast view): treat them as read-only and
     ``.clone()`` before writing in place.
@@ -94,7 +98,7 @@ class SequenceArrays:
         members = np.asarray(members, dtype=np.int64)
         pieces = [slice(int(a), int(a + n)) for a, n in zip(self.starts[members], self.lengths[members])]
         batch = pack([self.ids[p] for p in pieces], index=members, extras={
-            "loss_mask": [self.mask[p].astype(np.float32) for p in pieces],
+            "loss_mask": [self.mask[p].astype(bool) for p in pieces],
             "behaviour_logprobs": [self.logprobs[p] for p in pieces],
             "advantages": [np.full(p.stop - p.start, self.advantages[m], np.float32) for p, m in zip(pieces, members)],
             "weights": [np.full(p.stop - p.start, self.weights[m], np.float32) for p, m in zip(pieces, members)],
@@ -132,66 +136,68 @@ def packed_windows(
     Bins are processed in windows of about ``window_tokens`` tokens: the window's sequences are
     gathered back to back in one pass per column (Arrow moves runs of stored tokens), and each
     micro-batch is a slice of the window's arrays. Equal to :meth:`SequenceArrays.micro_batch`
-    on the same bins (a test holds them equal).
+    on the same bins (a test holds them equal). Everything per micro-batch is a slice; the
+    per-token work is per window.
     """
+    if not bins:
+        return
     ids_col = plan.values["sequence_id"].to_pylist()
     groups_col = plan.values["group_key"].to_pylist()
     rewards_col = plan.values["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
     advantages = np.asarray(advantages, dtype=np.float32)
     weights = np.asarray(weights, dtype=np.float32)
     sizes = np.fromiter((b.size for b in bins), np.int64, len(bins))
-    if not bins:
-        return
-    tokens = np.fromiter((int(plan.lengths[b].sum()) for b in bins), np.int64, len(bins))
-    start = 0
-    while start < len(bins):
-        stop = start + 1
-        budget = tokens[start]
-        while stop < len(bins) and budget + tokens[stop] <= window_tokens:
-            budget += tokens[stop]
-            stop += 1
-        order = np.concatenate(bins[start:stop])
+    every = np.concatenate(bins)
+    seq_end = np.cumsum(sizes)
+    tokens = np.add.reduceat(plan.lengths[every], seq_end - sizes) if every.size else np.zeros(len(bins), np.int64)
+    # Windows: runs of whole bins of about window_tokens each (a bin larger than that is one window).
+    window_of = (np.cumsum(tokens) - tokens) // window_tokens
+    cuts = np.flatnonzero(np.diff(window_of)) + 1
+    edges = [0, *cuts.tolist(), len(bins)]
+    ones = torch.ones(1, 1)
+    for start, stop in pairwise(edges):
+        order = every[int(seq_end[start] - sizes[start]):int(seq_end[stop - 1])]
         lengths = plan.lengths[order]
         ids, lp, is_gen, piece_len = plan.gather(order)
-        seq_off = np.zeros(order.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=seq_off[1:])
-        ramp = _ramp(int(lengths.max()))
-        # Window-wide [1, T] tensors, cut into micro-batches by torch.split (views, no copies).
         bin_sizes = sizes[start:stop]
-        bounds = np.zeros(bin_sizes.size + 1, dtype=np.int64)
-        np.cumsum(bin_sizes, out=bounds[1:])
-        bin_tokens = (seq_off[bounds[1:]] - seq_off[bounds[:-1]]).tolist()
+        bin_tokens = tokens[start:stop].tolist()
+        # Window-wide [1, T] tensors, cut into micro-batches by torch.split (views, no copies).
         # Built in Arrow's memory pool, which keeps freed pages: fresh numpy arrays of this size
         # would be page-faulted in anew for every window.
-        per_token = {
-            "input_ids": _tensor(pc.cast(ids, pa.int64())),
-            "position_ids": _tensor(_gather(ramp, np.zeros(order.size, np.int64), lengths)),
-            "loss_mask": _tensor(_repeat(is_gen.astype(np.float32), piece_len)),
-            "behaviour_logprobs": _tensor(lp),
-            "advantages": _tensor(_repeat(advantages[order], lengths)),
-        }
-        ones = torch.ones(1, 1)
-        cut = {k: torch.split(v, bin_tokens, dim=1) for k, v in per_token.items()}
+        per_token = [
+            _tensor(ids),
+            _tensor(_gather(_ramp(int(lengths.max())), np.zeros(order.size, np.int64), lengths)),
+            _tensor(_repeat(is_gen.view(np.uint8), piece_len)).view(torch.bool),
+            _tensor(lp),
+            _tensor(_repeat(advantages[order], lengths)),
+        ]
+        w = weights[order]
+        if (w == 1.0).all():  # the dataset's case: a broadcast view per micro-batch, no memory
+            cut_w = [ones.expand(1, n) for n in bin_tokens]
+        else:
+            cut_w = torch.split(torch.from_numpy(np.repeat(w, lengths))[None], bin_tokens, dim=1)
+        ids_t, pos_t, mask_t, lp_t, adv_t = (torch.split(v, bin_tokens, dim=1) for v in per_token)
         # cu_seqlens of every bin, back to back: 0, then each member's end relative to its bin's start.
-        bin_of_seq = np.repeat(np.arange(bin_sizes.size), bin_sizes)
-        ends = (seq_off[1:] - seq_off[bounds[:-1]][bin_of_seq]).astype(np.int32)
+        bounds = np.zeros(bin_sizes.size + 1, dtype=np.int64)
+        np.cumsum(bin_sizes, out=bounds[1:])
+        seq_off = np.zeros(order.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=seq_off[1:])
+        bin_start = np.repeat(seq_off[bounds[:-1]], bin_sizes)
+        ends = (seq_off[1:] - bin_start).astype(np.int32)
         cu = torch.split(torch.from_numpy(np.insert(ends, bounds[:-1], 0)), (bin_sizes + 1).tolist())
-        per_seq = [torch.split(torch.from_numpy(v[order]), bin_sizes.tolist())
-                   for v in (rewards_col, advantages, weights)]
+        split_sizes = bin_sizes.tolist()
+        rew, adv, wts = (torch.split(torch.from_numpy(v[order]), split_sizes) for v in (rewards_col, advantages, weights))
         rows = order.tolist()
-        starts, stops = bounds[:-1].tolist(), bounds[1:].tolist()
-        for j in range(bin_sizes.size):
-            s0, s1 = starts[j], stops[j]
+        seq_ids = [ids_col[i] for i in rows]
+        keys = [groups_col[i] for i in rows]
+        for j, (s0, s1) in enumerate(pairwise(bounds.tolist())):
             yield MicroBatch(
-                cut["input_ids"][j], cut["position_ids"][j], cu[j], order[s0:s1],
-                {"loss_mask": cut["loss_mask"][j], "behaviour_logprobs": cut["behaviour_logprobs"][j],
-                 "advantages": cut["advantages"][j], "weights": _weights(weights[order[s0:s1]], lengths[s0:s1], ones)},
-                sequence_ids=[ids_col[i] for i in rows[s0:s1]],
-                group_keys=[groups_col[i] for i in rows[s0:s1]],
-                rewards=per_seq[0][j], seq_advantages=per_seq[1][j], seq_weights=per_seq[2][j],
+                ids_t[j], pos_t[j], cu[j], order[s0:s1],
+                {"loss_mask": mask_t[j], "behaviour_logprobs": lp_t[j], "advantages": adv_t[j], "weights": cut_w[j]},
+                sequence_ids=seq_ids[s0:s1], group_keys=keys[s0:s1],
+                rewards=rew[j], seq_advantages=adv[j], seq_weights=wts[j],
                 epoch=epoch, shard=shard, batch_index=first_index + start + j,
             )
-        start = stop
 
 
 def _tensor(arr: pa.Array) -> torch.Tensor:
@@ -206,13 +212,6 @@ def _repeat(values: np.ndarray, counts: np.ndarray) -> pa.Array:
     return pc.run_end_decode(pa.RunEndEncodedArray.from_arrays(pa.array(ends), pa.array(values[keep])))
 
 
-def _weights(w: np.ndarray, lengths: np.ndarray, ones: torch.Tensor) -> torch.Tensor:
-    """Per-token weights of a micro-batch; all ones (the dataset) is a broadcast view, not memory."""
-    if (w == 1.0).all():
-        return ones.expand(1, int(lengths.sum()))
-    return torch.from_numpy(np.repeat(w, lengths))[None]
-
-
 def _writable(arr: pa.Array) -> np.ndarray:
     """A writable numpy view of a freshly built Arrow array (torch refuses read-only memory);
     copies only when Arrow does not hand out its buffer as mutable."""
@@ -223,14 +222,14 @@ def _writable(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).copy()
 
 
-_RAMP = pa.array(np.arange(0, dtype=np.int64))
+_RAMP = pa.array(np.arange(0, dtype=np.int32))
 
 
 def _ramp(n: int) -> pa.Array:
     """0, 1, 2, ... as an Arrow array of at least ``n`` values (positions are runs of it)."""
     global _RAMP
     if len(_RAMP) < n:
-        _RAMP = pa.array(np.arange(max(n, 2 * len(_RAMP)), dtype=np.int64))
+        _RAMP = pa.array(np.arange(max(n, 2 * len(_RAMP)), dtype=np.int32))
     return _RAMP
 
 

@@ -6,6 +6,10 @@ restarts ``position_ids`` at 0 for each: transformers (5.x, sdpa/eager, no atten
 cache) reads the restarts as sequence boundaries and builds a block-diagonal causal mask, so
 no token attends across a boundary. :func:`plan_bins` groups sequences into such rows under a
 token budget (first-fit-decreasing keeps rows full); :func:`pack` builds one row.
+
+Token and position IDs are int32, as the tape stores tokens: embedding layers and rotary
+position code take int32 as is, and a batch is half the bytes it would be in int64 through
+DataLoader workers' shared memory and the host-to-device copy.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 
 #: Up to this many open bins, first-fit scans them in Python (per-call numpy overhead dominates).
 _PYTHON_SCAN_BINS = 64
@@ -34,32 +37,42 @@ def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = 
     if max_seqs is not None and max_seqs <= 0:
         raise ValueError(f"max_seqs must be positive, got {max_seqs}")
     order = np.argsort(-lengths, kind="stable")
-    cap = max(len(order), 1)
-    room = np.zeros(cap, dtype=np.int64)  # free tokens per open bin (numpy, for scans over many bins)
-    count = np.zeros(cap, dtype=np.int64)  # sequences per open bin
-    room_py: list[int] = []  # the same, as Python ints: a short scan is cheaper in Python than in numpy
-    count_py: list[int] = []
+    sizes = lengths[order].tolist()
+    smallest = sizes[-1] if sizes else 0
+    limit = max_seqs if max_seqs is not None else len(sizes) + 1
     members: list[list[int]] = []
-    limit = max_seqs if max_seqs is not None else np.iinfo(np.int64).max
-    for i, n in zip(order.tolist(), lengths[order].tolist()):
-        nb = len(members)
-        b = nb
-        if n <= token_budget and nb:
-            if nb <= _PYTHON_SCAN_BINS:
-                b = next((k for k in range(nb) if room_py[k] >= n and count_py[k] < limit), nb)
+    room: list[int] = []  # free tokens per bin
+    count: list[int] = []  # sequences per bin
+    # Bins that can still take a sequence, in opening order. A bin with less room than the
+    # shortest sequence (or full by count) never takes another, so first fit over this list
+    # is first fit over all bins, and the scan stays short.
+    open_bins: list[int] = []
+    room_np = np.zeros(max(len(sizes), 1), dtype=np.int64)  # the same rooms, for scans over many bins
+    for i, n in zip(order.tolist(), sizes):
+        b = -1
+        if n <= token_budget:
+            if len(open_bins) <= _PYTHON_SCAN_BINS:
+                for k in open_bins:
+                    if room[k] >= n and count[k] < limit:
+                        b = k
+                        break
             else:
-                fits = np.flatnonzero((room[:nb] >= n) & (count[:nb] < limit))
-                b = int(fits[0]) if fits.size else nb
-        if b == nb:
+                cand = np.asarray(open_bins)
+                fits = cand[room_np[cand] >= n]
+                fits = [k for k in fits.tolist() if count[k] < limit][:1]
+                b = fits[0] if fits else -1
+        if b < 0:
+            b = len(members)
             members.append([])
-            room[b] = token_budget
-            room_py.append(token_budget)
-            count_py.append(0)
+            room.append(token_budget)
+            count.append(0)
+            open_bins.append(b)
         members[b].append(i)
         room[b] -= n
+        room_np[b] = room[b]
         count[b] += 1
-        room_py[b] -= n
-        count_py[b] += 1
+        if room[b] < smallest or count[b] >= limit:
+            open_bins.remove(b)
     return [np.asarray(m, dtype=np.int64) for m in members]
 
 
@@ -67,9 +80,10 @@ def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = 
 class PackedBatch:
     """Sequences concatenated into one row, with what a forward pass and the scorer need."""
 
-    #: ``[1, T]`` int64, the sequences back to back, no padding.
+    #: ``[1, T]`` int32, the sequences back to back, no padding. Embedding layers take int32 as
+    #: is; ``.long()`` it where torch wants an int64 index (``gather``, ``index_select``).
     input_ids: torch.Tensor
-    #: ``[1, T]`` int64, restarting at 0 at each sequence start (the boundary signal).
+    #: ``[1, T]`` int32, restarting at 0 at each sequence start (the boundary signal).
     position_ids: torch.Tensor
     #: ``[n + 1]`` int32 boundaries: sequence j is ``[cu_seqlens[j], cu_seqlens[j + 1])``.
     cu_seqlens: torch.Tensor
@@ -117,10 +131,10 @@ def pack(
     cu = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     total = int(cu[-1])
-    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
+    ids = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
     # position = global offset - start of the token's own sequence
     starts = np.repeat(cu[:-1], lengths)
-    pos = np.arange(total, dtype=np.int64) - starts
+    pos = (np.arange(total, dtype=np.int64) - starts).astype(np.int32)
     packed_extras: dict[str, torch.Tensor] = {}
     for name, arrays in (extras or {}).items():
         if len(arrays) != len(seqs):

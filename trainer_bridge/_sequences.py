@@ -224,7 +224,6 @@ class SequencePlan:
 
 def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = True) -> SequencePlan | None:
     """The :class:`SequencePlan` of already-read tables (None when no call gives a sequence)."""
-    calls = calls.combine_chunks() if calls.num_rows else calls
     rollouts = first_row_per_rollout(rollouts)
     calls = _keep_usable_calls(calls, rollouts, include_open)
     if calls.num_rows == 0:
@@ -275,7 +274,7 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
     # generation; a rewritten segment first repeats the start of the previous segment (copy
     # pieces, resolved into pieces of the stored columns). Tokens are later moved once, by Arrow
     # (a list-view over the stored values, flattened): no per-token index arrays.
-    n_suffix_vals = suffix[2].size
+    n_suffix_vals = sum(len(v) for v in suffix[2])
     pieces = _Pieces.own(seg_of_call, ci, s_start, s_len, g_start + n_suffix_vals, g_len)
     copy_len = np.zeros(seg_first.size, dtype=np.int64)
     copy_len[seg_of_call[rewrite]] = prefix[rewrite]
@@ -315,8 +314,9 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
         piece_start=piece_start,
         piece_count=piece_count,
         lengths=seg_len,
-        store_ids=pa.concat_arrays([_values(calls["prompt_suffix_ids"]), _values(calls["generation_ids"])]),
-        store_lp=pa.concat_arrays([_values(calls["generation_logprobs"]), pa.array(np.zeros(widest, np.float32))]),
+        # The one copy of the stored tokens: every chunk's values, back to back.
+        store_ids=pa.concat_arrays([*suffix[2], *gen[2]]),
+        store_lp=pa.concat_arrays([*glp[2], pa.array(np.zeros(widest, np.float32))]),
         n_suffix=n_suffix_vals,
         widest=widest,
         values=values,
@@ -332,24 +332,25 @@ def _np(col: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
-def _list(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(starts, lengths, flat values) of a list column, zero-copy where Arrow allows."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    offsets = col.offsets.to_numpy().astype(np.int64)
-    values = col.values.to_numpy(zero_copy_only=False)
-    base = offsets[0]
-    if base:
-        offsets = offsets - base
-        values = values[base:]
-    return offsets[:-1], np.diff(offsets), values
+def _list(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, list[pa.Array]]:
+    """(starts, lengths, values) of a list column, without copying its values.
 
-
-def _values(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """The flat values of a list column as an Arrow array (kept in Arrow's memory pool)."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.flatten()
+    ``values`` are the slices of each chunk's values that its rows reference; ``starts`` index
+    their concatenation, which the caller builds once together with whatever else shares the
+    buffer (a Parquet read gives a chunk per row group: combining them first would copy every
+    stored token once more).
+    """
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    starts, lengths, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], []
+    base = 0
+    for chunk in chunks:
+        offsets = chunk.offsets.to_numpy().astype(np.int64)
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        starts.append(offsets[:-1] - lo + base)
+        lengths.append(np.diff(offsets))
+        values.append(chunk.values.slice(lo, hi - lo))
+        base += hi - lo
+    return np.concatenate(starts), np.concatenate(lengths), values
 
 
 def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:

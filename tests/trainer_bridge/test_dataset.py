@@ -235,6 +235,10 @@ def test_window_packing_equals_packing_each_micro_batch_alone(tape: Path) -> Non
         ref = alone.micro_batch(b, batch_index=mb.batch_index)
         assert mb.sequence_ids == ref.sequence_ids and (mb.index == ref.index).all()
         for name in ("input_ids", "position_ids", "cu_seqlens", "rewards", "seq_advantages", "seq_weights"):
-            assert torch.equal(getattr(mb, name), getattr(ref, name)), name
+            got, want = getattr(mb, name), getattr(ref, name)
+            assert got.dtype == want.dtype and torch.equal(got, want), name
         for k in ref.extras:
-            assert torch.equal(mb.extras[k], ref.extras[k]), k
+            assert mb.extras[k].dtype == ref.extras[k].dtype and torch.equal(mb.extras[k], ref.extras[k]), k
+        # The wire dtypes: int32 IDs, a bool mask (what crosses worker processes and the H2D copy).
+        assert mb.input_ids.dtype == mb.position_ids.dtype == mb.cu_seqlens.dtype == torch.int32
+        assert mb.extras["loss_mask"].dtype == torch.bool

@@ -57,12 +57,40 @@ def test_plan_bins_first_fit_decreasing_and_max_seqs() -> None:
         plan_bins(lengths, 0)
 
 
+def _first_fit_decreasing(lengths: np.ndarray, budget: int, max_seqs: int | None) -> list[list[int]]:
+    """The textbook algorithm, scanning every bin for every sequence (the oracle for plan_bins)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        fit = [k for k in range(len(bins)) if n <= budget and room[k] >= n
+               and (max_seqs is None or len(bins[k]) < max_seqs)]
+        if not fit:
+            bins.append([])
+            room.append(budget)
+            fit = [len(bins) - 1]
+        bins[fit[0]].append(i)
+        room[fit[0]] -= n
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_bins_equals_textbook_first_fit_decreasing(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for budget, spread, max_seqs in [(1024, 900, None), (64, 3000, None), (2048, 1100, 3), (8192, 200, 8),
+                                     (1000, 600, None), (1000, 600, 1)]:
+        # (1000, 600): most sequences over half the budget, so hundreds of bins stay open at once
+        lengths = rng.integers(1, spread, size=int(rng.integers(1, 500)))
+        got = [b.tolist() for b in plan_bins(lengths, budget, max_seqs=max_seqs)]
+        assert got == _first_fit_decreasing(lengths, budget, max_seqs), (budget, spread, max_seqs)
+
+
 def test_pack_layout_positions_and_extras() -> None:
     seqs = [np.array([7, 8, 9]), np.array([4]), np.array([5, 6])]
     b = pack(seqs, index=np.array([10, 11, 12]), extras={"w": [np.array([1.0, 2, 3]), np.array([4.0]), np.array([5.0, 6])]})
     assert isinstance(b, PackedBatch)
-    assert b.input_ids.tolist() == [[7, 8, 9, 4, 5, 6]] and b.input_ids.dtype == torch.int64
-    assert b.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert b.input_ids.tolist() == [[7, 8, 9, 4, 5, 6]] and b.input_ids.dtype == torch.int32
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]] and b.position_ids.dtype == torch.int32
     assert b.cu_seqlens.tolist() == [0, 3, 4, 6] and b.cu_seqlens.dtype == torch.int32
     assert b.index.tolist() == [10, 11, 12]
     assert b.extras["w"].shape == (1, 6) and b.extras["w"].tolist() == [[1, 2, 3, 4, 5, 6]]
