@@ -28,6 +28,7 @@ Outputs in ``OUT``: ``tape/``, ``validation/``, ``weights/step-N/`` (the latest 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
@@ -331,7 +332,9 @@ class _Collector:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        if self.thread is not None:
+        # A SIGTERM can land inside Thread.start(), before the thread counts as started: it then
+        # sees `stopped` on its own, and joining it would raise instead of returning.
+        if self.thread is not None and self.thread.is_alive():
             self.thread.join(timeout=120)
 
 
@@ -467,12 +470,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     model_dir = str(cfg.model or default_model_dir())
     tape, val_tape = out / "tape", out / "validation"
     t_start = time.perf_counter()
-    server = _ServeProcess(model_dir, tape, out / "serve.log", port=cfg.port, dtype=cfg.serve_dtype,
-                           max_batch_size=max(16, min(cfg.concurrency, 64)), threads=cfg.serve_threads)
     report = TrainReport(metrics_path=metrics_path)
-    collector: _Collector | None = None
-    restore = _exit_on_sigterm()
-    try:
+    # Cleanup runs every step even if an earlier one raises (a SIGTERM turned SystemExit can land
+    # anywhere, a collector's stop included): the server this loop starts must not outlive it.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_exit_on_sigterm())
+        server = _ServeProcess(model_dir, tape, out / "serve.log", port=cfg.port, dtype=cfg.serve_dtype,
+                               max_batch_size=max(16, min(cfg.concurrency, 64)), threads=cfg.serve_threads)
+        cleanup.callback(server.stop)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         server.wait_ready(cfg.server_timeout)
@@ -492,6 +497,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
             emit({"step": 0, "policy_version": 0, **_validate(cfg, val_tape, model_url),
                   "elapsed_s": time.perf_counter() - t_start})
             collector = _Collector(cfg, tape, model_url)
+            cleanup.callback(collector.stop)
             collector.start()
             checkpoints: list[Path] = []
             for step in range(1, cfg.steps + 1):
@@ -523,11 +529,6 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
                 row["elapsed_s"] = time.perf_counter() - t_start
                 emit(row)
         report.final_version = version
-    finally:
-        if collector is not None:
-            collector.stop()
-        server.stop()
-        restore()
     report.seconds = time.perf_counter() - t_start
     if cfg.plot and report.rows:
         report.plot_path = plot_curve(report.rows, out / "curve.png", title=f"gymtape train: {cfg.env}")

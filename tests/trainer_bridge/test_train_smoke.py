@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import orjson
@@ -104,17 +105,41 @@ def test_sigterm_stops_the_loop_and_the_server_it_started(tmp_path: Path, model_
     exe = Path(sys.executable).with_name("gymtape")
     proc = subprocess.Popen([str(exe), "train", "--out", str(out), "--model", str(model_dir), "--steps", "50",
                              "--groups-per-step", "1", "--group-size", "2", "--max-tokens", "4", "--val-tasks", "2",
-                             "--threads", "1", "--no-plot"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--threads", "1", "--no-plot"], stdout=subprocess.DEVNULL,
+                            stderr=(tmp_path / "train.err").open("wb"))
     try:
         # the server is up once the base model's validation row is written
         wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_bytes().strip() != b"",
                    timeout=240, what="the first metrics row")
         assert _serve_pids(out / "tape"), "the loop's server is running"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) != 0
-        wait_until(lambda: not _serve_pids(out / "tape"), timeout=60, what="the server to exit")
+        rc = proc.wait(120)
+        err = (tmp_path / "train.err").read_text(errors="replace")[-3000:]
+        assert rc != 0, err
+        wait_until(lambda: not _serve_pids(out / "tape"), timeout=60,
+                   what=f"the server to exit (train exited {rc}; its stderr:\n{err})")
     finally:
         if proc.poll() is None:
             proc.kill()
         for pid in _serve_pids(out / "tape"):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_an_exit_while_the_collector_starts_still_stops_the_server(tmp_path: Path, model_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM (SystemExit) that lands inside Thread.start() leaves a collector thread that never
+    counts as started; stopping it must not raise, and the server must still be stopped. (Seen in
+    CI: joining the unstarted thread raised, and the server outlived the loop.)"""
+    import trainer_bridge._train as train_module
+
+    def start_then_exit(self: train_module._Collector) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)  # created, not started
+        raise SystemExit(143)
+
+    monkeypatch.setattr(train_module._Collector, "start", start_then_exit)
+    out = tmp_path / "run"
+    cfg = TrainConfig(out=out, env="plus", model=str(model_dir), steps=1, groups_per_step=1, group_size=2,
+                      max_tokens=4, val_every=0, val_tasks=2, threads=1, plot=False)
+    with pytest.raises(SystemExit):
+        train(cfg, log=lambda line: None)
+    assert not _serve_pids(out / "tape"), "the loop's server outlived it"
