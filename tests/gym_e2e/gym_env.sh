@@ -145,8 +145,10 @@ cmd_stop() {
   local logdir=$1 pid="" raydir=""
   [ -f "$logdir/gym.pid" ] && pid=$(cat "$logdir/gym.pid")
   # A stale pid file must not make us signal an unrelated process that reused the PID.
+  # (-ww: ps cuts args at $COLUMNS, which pytest sets to 80, and a long venv path then hides
+  # 'gym env start': the stop used to skip gym and leave its whole stack running.)
   if [ -n "$pid" ] && ps -o stat= -p "$pid" 2>/dev/null | grep -qv '^Z' \
-      && ! ps -o args= -p "$pid" | grep -q 'gym env start'; then
+      && ! ps -ww -o args= -p "$pid" | grep -q 'gym env start'; then
     echo "gym_env.sh: pid $pid is not gym env start any more; not signalling it" >&2
     pid=""
   fi
@@ -171,7 +173,7 @@ cmd_stop() {
   local left
   left="$( { if [ -n "$pid" ]; then session_pids "$pid"; fi; ray_pids "$raydir"; } | paste -sd, -)"
   if [ -n "$left" ]; then
-    ps -o pid,pgid,sid,args -p "$left" >&2 || true
+    ps -ww -o pid,pgid,sid,args -p "$left" >&2 || true
     die "processes left behind: $left"
   fi
   # Ray's temp dir (sessions, logs, sockets); /tmp/ray is untouched because RAY_TMPDIR was private.

@@ -46,8 +46,11 @@ def gym_stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         assert started.returncode == 0, f"gym env start failed:\n{started.stderr[-3000:]}"
         yield server, started.stdout.strip().splitlines()[-1], tape, logdir
     finally:
-        subprocess.run(["bash", str(HARNESS), "stop", str(logdir)], capture_output=True, timeout=300)
+        stopped = subprocess.run(["bash", str(HARNESS), "stop", str(logdir)], capture_output=True, text=True,
+                                 timeout=300)
         server.stop()
+        # A stop that fails leaves Gym's servers and Ray running after the tests: say so.
+        assert stopped.returncode == 0, f"gym_env.sh stop failed:\n{stopped.stderr[-3000:]}"
 
 
 def gym_example_tasks() -> Path:
