@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import best_of, best_of_each, machine, pin_to_one_core, target  # noqa: E402
+from _report import best_of_each, machine, pin_to_one_core, target  # noqa: E402
 
 pin_to_one_core()
 
@@ -102,20 +102,18 @@ def main() -> int:
         tokens = loader_epoch(streaming)
         print(f"tape: {args.rollouts} rollouts x {args.calls} calls, {tokens:,} packed tokens per epoch, "
               f"calls shards {stored / 1e6:.1f} MB")
-        t_raw = best_of(args.runs, lambda: raw_read(tape))
-        t_stream = best_of(args.runs, lambda: loader_epoch(streaming))
         t0 = time.perf_counter()
         cached = TapeDataset(tape, token_budget=args.budget, seed=0, cache=True)
         t_build = time.perf_counter() - t0
-        t_cached = best_of(args.runs, lambda: loader_epoch(cached))
+        contenders = [lambda: raw_read(tape), lambda: loader_epoch(streaming), lambda: loader_epoch(cached)]
+        t_raw, t_stream, t_cached = best_of_each(args.runs, contenders)
         raw_rate, stream_rate, cached_rate = tokens / t_raw, tokens / t_stream, tokens / t_cached
         print(f"raw pyarrow read of the same columns: {t_raw:.3f} s ({raw_rate / 1e6:.2f}M tokens/s)")
         print(f"epoch, reading the tape (cache=False: read + plan sequences + bins + pack): {t_stream:.3f} s "
               f"({stream_rate / 1e6:.2f}M tokens/s, {stream_rate / raw_rate:.2f}x raw)")
         print(f"epoch, sequences planned once at construction (cache=True, {t_build:.3f} s to build): "
               f"{t_cached:.3f} s ({cached_rate / 1e6:.2f}M tokens/s, {cached_rate / raw_rate:.2f}x raw)")
-        cpu = best_of_each(args.runs, [lambda: raw_read(tape), lambda: loader_epoch(streaming), lambda: loader_epoch(cached)],
-                           time.process_time)
+        cpu = best_of_each(args.runs, contenders, time.process_time)
         print(f"CPU time (user + system), same order: raw {cpu[0]:.3f} s, cache=False {cpu[1]:.3f} s "
               f"({cpu[0] / cpu[1]:.2f}x raw), cache=True {cpu[2]:.3f} s ({cpu[0] / cpu[2]:.2f}x raw)")
         # Targets on CPU time: "per core" is CPU work, and on a shared machine wall time mostly

@@ -78,6 +78,31 @@ def test_history_rewrite_starts_a_new_sequence_and_says_why(make_tape) -> None:
         assert sum(s["num_generated"] for s in segs) == gen_tokens[rid]
 
 
+def test_sequences_do_not_depend_on_how_the_calls_are_chunked(make_tape) -> None:
+    """A read gives one chunk per shard and row group, and filters give sliced chunks (list offsets
+    not starting at 0); the planner reads each chunk's values in place, so all must agree."""
+    import pyarrow as pa
+
+    from trainer_bridge._sequences import CALL_COLUMNS, ROLLOUT_COLUMNS, sequences_from_tables
+
+    tape_dir, _ = make_tape(repeats=2, calls=4, context_tokens=256, rewrite_every=2)
+    tape = Tape(tape_dir)
+    calls = tape.read("calls", CALL_COLUMNS).combine_chunks()
+    rollouts = tape.read("rollouts", ROLLOUT_COLUMNS)
+    whole = sequences_from_tables(calls, rollouts)
+    n = calls.num_rows
+    cuts = [0, 1, n // 3, n // 3 + 1, n - 2, n]  # chunks of one row, sliced mid-table, one empty
+    pieces = [calls.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])] + [calls.slice(n, 0)]
+    chunked = pa.Table.from_batches([b for t in pieces for b in t.to_batches()] or calls.to_batches(),
+                                    schema=calls.schema)
+    assert chunked["prompt_suffix_ids"].num_chunks >= 4
+    assert chunked["prompt_suffix_ids"].chunk(2).offsets[0].as_py() > 0  # a slice with a list offset
+    assert sequences_from_tables(chunked, rollouts).equals(whole)
+    # and in reverse row order (the planner sorts calls itself)
+    reverse = pa.Table.from_batches(chunked.to_batches()[::-1], schema=calls.schema)
+    assert sequences_from_tables(reverse, rollouts).equals(whole)
+
+
 def test_rollouts_without_token_ids_give_no_sequence(make_tape) -> None:
     tape_dir, _ = make_tape(repeats=2, calls=3, context_tokens=128, empty_every=3)
     tape = Tape(tape_dir)
