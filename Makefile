@@ -62,7 +62,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/bench_loader.py
 
 docs: $(STAMP)
-	$(BIN)/python -c "from recorder._schema import render_markdown; print(render_markdown(), end='')" > docs/tape-format.md
+	$(BIN)/python -c "from recorder.tape._schema import render_markdown; print(render_markdown(), end='')" > docs/tape-format.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(GYM_VENV) out .pytest_cache

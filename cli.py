@@ -106,7 +106,7 @@ def export(
             raise typer.BadParameter(f"--format {format.value} writes Parquet: give --out FILE.parquet")
         tok: Path | None = None
         if not no_text:
-            from recorder._models import default_model_dir
+            from recorder import default_model_dir
 
             tok = tokenizer or default_model_dir()
         filters = TapeFilters(status=None if all_statuses else ("ok",))
@@ -124,12 +124,10 @@ def export(
     if out is None:
         n = export_gym_jsonl(tape, sys.stdout.buffer)
     else:
-        from recorder._fsutil import publish, temp_path_for
+        from recorder import atomic_file
 
-        tmp = temp_path_for(out)
-        with open(tmp, "wb") as f:
+        with atomic_file(out) as f:
             n = export_gym_jsonl(tape, f)
-        publish(tmp, out, overwrite=True)
     err.print(f"exported {n} rollouts ({format.value})")
 
 
@@ -141,9 +139,9 @@ def inspect(
     no_jsonl_ratio: Annotated[bool, typer.Option("--no-jsonl-ratio", help="Skip sizing the equivalent Gym JSONL.")] = False,
 ) -> None:
     """Summarise a tape: rollouts, calls, tokens, storage, rewards by group, statuses, shards."""
-    from recorder import Tape, summarize
+    from recorder import Tape, gym_jsonl_size, summarize
 
-    s = summarize(Tape(tape), gym_jsonl_bytes=not no_jsonl_ratio)
+    s = summarize(Tape(tape), jsonl_size=None if no_jsonl_ratio else gym_jsonl_size)
     if json:
         import orjson
 
@@ -213,7 +211,7 @@ def check(
     from replay import check_tape
 
     if tokenizer is None:
-        from recorder._models import default_model_dir
+        from recorder import default_model_dir
 
         tokenizer = default_model_dir()
     report = check_tape(Tape(tape), tokenizer, max_examples=max_examples)
@@ -291,7 +289,7 @@ def replay(
     """Re-score every generated token (trainer-side model or live vLLM) against the recorded logprobs; exit 1 above --fail-above."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from replay._replay import ReplayError, parse_fail_above, replay_tape
+    from replay import ReplayError, parse_fail_above, replay_tape
 
     thresholds = parse_fail_above(fail_above or [])
     try:
@@ -302,8 +300,8 @@ def replay(
         raise ReplayError("give --model or --engine-url, not both")
     scorer: dict[str, Any] = {"engine_url": engine_url, "engine_model": engine_model}
     if engine_url is None:
-        from recorder._models import default_model_dir
-        from replay._score import ScoreSettings
+        from recorder import default_model_dir
+        from replay import ScoreSettings
 
         scorer["model"] = model or default_model_dir()
         scorer["settings"] = ScoreSettings(token_budget=token_budget, chunk_tokens=chunk_tokens)
@@ -445,8 +443,8 @@ def record(
     """Collect rollouts from Gym agents or built-in environments into a tape (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from recorder._collect import EnvConfig, RecordConfig, RecordConfigError, load_config, record as run_record
-    from recorder._envs import BUILTIN_ENVS
+    from recorder import BUILTIN_ENVS, EnvConfig, RecordConfig, RecordConfigError, load_config
+    from recorder import record as run_record
 
     if list_envs:
         for name, e in BUILTIN_ENVS.items():
@@ -584,7 +582,8 @@ def train(
     plot: Annotated[bool, typer.Option(help="Write curve.png at the end.")] = True,
 ) -> None:
     """Reference GRPO loop: serve the policy, record rollouts, follow the tape, update, push weights."""
-    from trainer_bridge._train import TrainConfig, train as run_train
+    from trainer_bridge import TrainConfig
+    from trainer_bridge import train as run_train
 
     cfg = TrainConfig(out=out, env=env, model=model, steps=steps, groups_per_step=groups_per_step,
                       group_size=group_size, max_tokens=max_tokens, temperature=temperature, lr=lr,

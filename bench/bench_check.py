@@ -35,8 +35,7 @@ import orjson  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recorder import CallRecord, RolloutRecord, Tape, TapeWriter, tokenizer_identity  # noqa: E402
-from recorder._models import default_model_dir  # noqa: E402
-from recorder._prompting import PromptBuilder  # noqa: E402
+from recorder import PromptBuilder, default_model_dir  # noqa: E402
 from replay import check_tape  # noqa: E402
 
 WORDS = ("the cat sat on a warm mat while rain fell outside and the kettle sang softly in the small kitchen "

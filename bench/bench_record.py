@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _report import machine, target  # noqa: E402
 
-from recorder._collect import EnvConfig, RecordConfig, record  # noqa: E402
-from recorder._models import default_model_dir  # noqa: E402
+from recorder import EnvConfig, RecordConfig, default_model_dir, record  # noqa: E402
 from tests.servers import start_gymtape_serve, start_vllm  # noqa: E402
 
 

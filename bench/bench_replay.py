@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from replay._score import ScoreSettings, score_sequences  # noqa: E402
+from replay import ScoreSettings, score_sequences  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

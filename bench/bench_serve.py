@@ -40,7 +40,7 @@ from typing import Any  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
 
-from recorder._models import default_model_dir  # noqa: E402
+from recorder import default_model_dir  # noqa: E402
 from tests.servers import Server, start_gymtape_serve, start_vllm  # noqa: E402
 
 SERVED = "smol"
@@ -104,7 +104,7 @@ def tracking_bytes_per_call(n: int = 20_000) -> tuple[float, int]:
     import inspect
     import tracemalloc
 
-    from recorder._call_log import CallLog
+    from recorder.serve._call_log import CallLog
 
     log = CallLog(None)
     tracemalloc.start()

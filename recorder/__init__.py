@@ -1,8 +1,23 @@
-"""gymtape recorder: writes and reads tapes (Parquet shards of model calls and rollouts).
+"""gymtape recorder: the tape format, the on-policy server that records into it, and collection.
 
-The tape format lives here; replay and trainer_bridge read tapes through :class:`Tape`.
-Importing this package has no side effects.
+Three wings, one public face (this module):
+
+* ``recorder.tape``: the format (layout, metadata, schema, records, delta prompts, reader,
+  writer, storage, compaction, inspect). Imports nothing else of gymtape.
+* ``recorder.serve``: `gymtape serve` (OpenAI parsing, prompting, the splice, the call log,
+  process supervision) and ``serve/engines`` (protocol, hf, vllm, the embedded default model).
+* ``recorder.collect``: `gymtape record` (Gym agents and built-in environments), Gym JSONL
+  import/export, synthetic rollouts.
+
+``replay``, ``trainer_bridge`` and ``cli`` use the names below and nothing else of this package.
+Importing it has no side effects; the server and the collector (FastAPI, transformers, httpx)
+load on first use of their names.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from ._errors import (
     CorruptShardError,
@@ -15,23 +30,51 @@ from ._errors import (
     TokenizerMismatchError,
     WriterClosedError,
 )
-from ._gym import IngestReport, export_gym_jsonl, ingest_gym_jsonl, iter_gym_lines
-from ._inspect import summarize
-from ._layout import FORMAT_VERSION
-from ._meta import TapeMeta, TokenizerIdentity, tokenizer_identity
-from ._reader import CallsByRollout, ShardInfo, Tape
-from ._records import CallRecord, RolloutRecord
-from ._synthetic import synthesize_gym_rollouts
-from ._writer import TapeWriter
-from .onpolicy import SpliceError, splice_prefix
+from .collect._gym import IngestReport, export_gym_jsonl, gym_jsonl_size, ingest_gym_jsonl, iter_gym_lines
+from .collect._synthetic import synthesize_gym_rollouts
+from .serve._config import ServeConfig
+from .serve._splice import SpliceError, splice_prefix
+from .serve.engines._models import DEFAULT_MODEL, ModelUnavailableError, cache_dir, default_model_dir
+from .tape._filesystems import list_shards, read_shard, resolve_filesystem
+from .tape._inspect import summarize
+from .tape._layout import FORMAT_VERSION
+from .tape._meta import TapeMeta, TokenizerIdentity, tokenizer_identity
+from .tape._prompts import common_prefix_len, rebuild_prompts
+from .tape._reader import CallsByRollout, ListColumn, ShardInfo, Tape
+from .tape._records import CallRecord, RolloutRecord
+from .tape._schema import CALLS_SCHEMA, ROLLOUTS_SCHEMA
+from .tape._storage import atomic_file, write_bytes_atomic
+from .tape._writer import TapeWriter
+
+#: Names whose modules pull in heavy dependencies (FastAPI, transformers, httpx): loaded on first use.
+_LAZY = {
+    "create_app": ".serve._server",
+    "PromptBuilder": ".serve._prompting",
+    "log_tail": ".serve._process",
+    "stop_process_group": ".serve._process",
+    "wait_healthy": ".serve._process",
+    "qwen_tokenizer_dir": ".serve.engines._qwen",
+    "BUILTIN_ENVS": ".collect._envs",
+    "BuiltinEnv": ".collect._envs",
+    "builtin_env": ".collect._envs",
+    "EnvConfig": ".collect._collector",
+    "RecordConfig": ".collect._collector",
+    "RecordConfigError": ".collect._collector",
+    "RecordReport": ".collect._collector",
+    "Recorder": ".collect._collector",
+    "WorkItem": ".collect._collector",
+    "load_config": ".collect._collector",
+    "record": ".collect._collector",
+}
 
 
-def __getattr__(name: str):  # the server pulls in FastAPI and transformers: load it on first use
-    if name in ("ServeConfig", "create_app"):
-        from . import _server
-
-        return getattr(_server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
@@ -39,33 +82,20 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "FORMAT_VERSION",
-    "CallRecord",
-    "CallsByRollout",
-    "CorruptShardError",
-    "GymFormatError",
-    "GymtapeError",
-    "IngestReport",
-    "NotATapeError",
-    "RolloutRecord",
-    "ServeConfig",
-    "ShardInfo",
-    "SpliceError",
-    "Tape",
-    "TapeError",
-    "TapeMeta",
-    "TapeValueError",
-    "TapeVersionError",
-    "TapeWriter",
-    "TokenizerIdentity",
-    "TokenizerMismatchError",
+    # errors (the whole tree of every package: recorder/_errors.py)
+    "CorruptShardError", "GymFormatError", "GymtapeError", "ModelUnavailableError", "NotATapeError",
+    "RecordConfigError", "SpliceError", "TapeError", "TapeValueError", "TapeVersionError", "TokenizerMismatchError",
     "WriterClosedError",
-    "create_app",
-    "export_gym_jsonl",
-    "ingest_gym_jsonl",
-    "iter_gym_lines",
-    "splice_prefix",
-    "summarize",
+    # the tape
+    "CALLS_SCHEMA", "FORMAT_VERSION", "ROLLOUTS_SCHEMA", "CallRecord", "CallsByRollout", "ListColumn", "RolloutRecord",
+    "ShardInfo", "Tape", "TapeMeta", "TapeWriter", "TokenizerIdentity", "atomic_file", "common_prefix_len",
+    "list_shards", "read_shard", "rebuild_prompts", "resolve_filesystem", "summarize", "tokenizer_identity",
+    "write_bytes_atomic",
+    # serving
+    "DEFAULT_MODEL", "PromptBuilder", "ServeConfig", "cache_dir", "create_app", "default_model_dir", "log_tail",
+    "qwen_tokenizer_dir", "splice_prefix", "stop_process_group", "wait_healthy",
+    # collection, Gym import/export
+    "BUILTIN_ENVS", "BuiltinEnv", "EnvConfig", "IngestReport", "RecordConfig", "RecordReport", "Recorder", "WorkItem",
+    "builtin_env", "export_gym_jsonl", "gym_jsonl_size", "ingest_gym_jsonl", "iter_gym_lines", "load_config", "record",
     "synthesize_gym_rollouts",
-    "tokenizer_identity",
 ]

@@ -13,7 +13,7 @@ from ._diff import DiffError, DiffReport, diff_tapes
 from ._render import print_diff, print_replay, write_diff_html, write_replay_html
 from ._engine_url import EngineReplayError
 from ._metrics import grouped_metrics, token_metrics
-from ._replay import ReplayError, ReplayReport, UnknownMetricError, replay_tape
+from ._replay import ReplayError, ReplayReport, UnknownMetricError, parse_fail_above, replay_tape
 
 _TORCH_NAMES = ("ReplayModelError", "ScoreSettings", "load_model", "score_sequences")
 
@@ -34,4 +34,4 @@ __all__ = ["CheckReport", "check_tape"]
 __all__ += ["DiffError", "DiffReport", "diff_tapes", "print_diff", "print_replay", "write_diff_html",
             "write_replay_html"]
 __all__ += ["EngineReplayError", "ReplayError", "ReplayModelError", "ReplayReport", "ScoreSettings",
-            "UnknownMetricError", "grouped_metrics", "load_model", "replay_tape", "score_sequences", "token_metrics"]
+            "UnknownMetricError", "grouped_metrics", "load_model", "parse_fail_above", "replay_tape", "score_sequences", "token_metrics"]

@@ -37,10 +37,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from recorder._errors import GymtapeError
-from recorder._meta import TokenizerIdentity, tokenizer_identity
-from recorder._prompts import common_prefix_len
-from recorder._reader import ListColumn, Tape
+from recorder import GymtapeError, ListColumn, Tape, TokenizerIdentity, common_prefix_len, tokenizer_identity
 
 SCHEMA_VERSION = 1
 
@@ -255,7 +252,7 @@ class _Renderer:
     """Chat messages → prompt IDs, as recorder._prompting.PromptBuilder.render does (no splice)."""
 
     def __init__(self, tokenizer: Any, tok: _Tok) -> None:
-        from recorder._prompting import PromptBuilder
+        from recorder import PromptBuilder
 
         self.tok = tok
         self.tokenizer = tokenizer

@@ -30,10 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from recorder._errors import GymtapeError
-from recorder._meta import TokenizerIdentity, tokenizer_identity
-from recorder._prompts import common_prefix_len, rebuild_prompts
-from recorder._reader import ListColumn, Tape
+from recorder import GymtapeError, ListColumn, Tape, TokenizerIdentity, common_prefix_len, rebuild_prompts, tokenizer_identity
 
 SCHEMA = "gymtape.diff/1"
 #: Bucket edges of divergence offsets (tokens into a call's prompt or generation; the last
@@ -201,7 +198,7 @@ class _Decoder:
 
 def _load_tokenizer(tokenizer: Any) -> tuple[Any, TokenizerIdentity | None]:
     if tokenizer is None:
-        from recorder._models import default_model_dir
+        from recorder import default_model_dir
 
         tokenizer = default_model_dir()
     if isinstance(tokenizer, (str, os.PathLike)):

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import orjson
 
-from recorder._errors import GymtapeError
+from recorder import GymtapeError
 
 _HEADERS = {"content-type": "application/json"}
 

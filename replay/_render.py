@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from recorder._fsutil import write_bytes_atomic
+from recorder import write_bytes_atomic
 
 from ._html import (DELTA_COLOURS, DELTA_EDGES, bar_chart, cards, decade, delta_classes, esc, fmt, legend, page, table,
                     token_html)

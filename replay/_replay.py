@@ -29,8 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recorder._errors import GymtapeError
-from recorder._reader import Tape
+from recorder import GymtapeError, Tape
 
 from ._metrics import DEFAULT_IS_BOUNDS, THRESHOLD_METRICS, grouped_metrics
 
@@ -156,7 +155,7 @@ def replay_tape(
     buckets = [int(b) for b in position_buckets]
     if not buckets or buckets[0] != 0 or any(b >= c for b, c in zip(buckets, buckets[1:])):
         raise ReplayError(f"position buckets must start at 0 and increase, got {buckets}")
-    from trainer_bridge._sequences import build_sequences
+    from trainer_bridge import build_sequences
 
     tape = tape if isinstance(tape, Tape) else Tape(tape)
     warnings: list[str] = []
@@ -428,7 +427,7 @@ def _compare_tokenizer(tape: Tape, model_dir: Path, warnings: list[str]) -> None
     recorded = tape.meta.tokenizer
     if recorded is None or not model_dir.is_dir():
         return
-    from recorder._meta import tokenizer_identity
+    from recorder import tokenizer_identity
 
     try:
         ident = tokenizer_identity(model_dir)
@@ -442,8 +441,7 @@ def _compare_tokenizer(tape: Tape, model_dir: Path, warnings: list[str]) -> None
 
 def _default_tokenizer_for(tape: Tape, warnings: list[str]) -> Path | None:
     """The embedded model's tokenizer when the tape was recorded with it, else None (IDs shown)."""
-    from recorder._meta import tokenizer_identity
-    from recorder._models import default_model_dir
+    from recorder import default_model_dir, tokenizer_identity
 
     recorded = tape.meta.tokenizer
     try:

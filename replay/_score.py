@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recorder._errors import GymtapeError
-from trainer_bridge._logprobs import packed_token_logprobs
-from trainer_bridge._packing import pack, plan_bins
+from recorder import GymtapeError
+from trainer_bridge import pack, packed_token_logprobs, plan_bins
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -42,7 +42,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The embedded default model (SmolLM2-135M-Instruct, fp32 checkpoint in the cache)."""
-    from recorder._models import default_model_dir
+    from recorder.serve.engines._models import default_model_dir
 
     return default_model_dir()
 

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recorder._process import log_tail, stop_process_group, wait_healthy
+from recorder.serve._process import log_tail, stop_process_group, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("GYMTAPE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))

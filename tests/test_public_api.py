@@ -7,7 +7,7 @@ import inspect
 import recorder
 import replay
 import trainer_bridge
-from recorder._schema import render_markdown
+from recorder.tape._schema import render_markdown
 from tests.conftest import ROOT
 
 

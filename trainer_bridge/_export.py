@@ -33,9 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recorder import GymtapeError, Tape, TokenizerMismatchError
-from recorder._fsutil import publish, temp_path_for
-from recorder._meta import tokenizer_identity
+from recorder import GymtapeError, Tape, TokenizerMismatchError, atomic_file, tokenizer_identity
 
 from ._filters import TapeFilters
 from ._sequences import build_sequences
@@ -275,9 +273,5 @@ def _decode(tok: Any, id_lists: list[list[int]]) -> list[str]:
 def _write(table: pa.Table, out: str | os.PathLike[str]) -> None:
     final = Path(out)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        publish(tmp, final, overwrite=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(final) as f:
+        pq.write_table(table, f, compression="zstd")

@@ -31,12 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recorder import GymtapeError
-from recorder._schema import ROLLOUTS_SCHEMA
+from recorder import ROLLOUTS_SCHEMA, GymtapeError, list_shards, read_shard, resolve_filesystem
 
 from ._advantages import Degenerate, group_advantages
 from ._filters import ROLLOUT_META_COLUMNS, TapeFilters, effective_group_keys
-from ._fs import list_shards, read_shard, resolve_filesystem
 from ._microbatch import MicroBatch, micro_batches
 from ._sequences import CALL_COLUMNS, ROLLOUT_COLUMNS, SEQUENCE_SCHEMA, sequences_from_tables
 

@@ -50,8 +50,7 @@ import numpy as np
 import orjson
 
 from recorder import GymtapeError
-from recorder._fsutil import write_bytes_atomic
-from recorder._process import log_tail, stop_process_group, wait_healthy
+from recorder import log_tail, stop_process_group, wait_healthy, write_bytes_atomic
 
 from ._losses import CORRECTIONS, ISCorrection, policy_loss, sequence_index
 
@@ -124,7 +123,7 @@ class TrainConfig:
     plot: bool = True
 
     def validate(self) -> None:
-        from recorder._envs import BUILTIN_ENVS
+        from recorder import BUILTIN_ENVS
 
         if self.env not in BUILTIN_ENVS:
             raise TrainError(f"no built-in environment {self.env!r}; built-in: {', '.join(BUILTIN_ENVS)}")
@@ -251,8 +250,7 @@ class _Collector:
     """
 
     def __init__(self, cfg: TrainConfig, tape: Path, model_url: str) -> None:
-        from recorder._collect import EnvConfig
-        from recorder._envs import builtin_env
+        from recorder import EnvConfig, builtin_env
 
         self.cfg = cfg
         self.tape = tape
@@ -280,14 +278,14 @@ class _Collector:
         return picked
 
     def collect_round(self, r: int) -> dict[str, Any]:
-        from recorder._collect import EnvConfig, RecordConfig, Recorder, _Item
+        from recorder import EnvConfig, RecordConfig, Recorder, WorkItem
 
         items = []
         for ti in self._round_tasks():
             for rep in range(self.cfg.group_size):
                 env = EnvConfig(**{**asdict(self.base_env),
                                    "sampling": {**self.base_env.sampling, "seed": _seed(self.cfg.seed, r, ti, rep)}})
-                items.append(_Item(env, ti, rep, self.tasks[ti]))
+                items.append(WorkItem(env, ti, rep, self.tasks[ti]))
         config = RecordConfig(tape=self.tape, envs=[self.base_env], concurrency=self.cfg.concurrency, retries=1)
         t0 = time.perf_counter()
         report = asyncio.run(Recorder(config).run(items))
@@ -341,8 +339,7 @@ class _Collector:
 def _validate(cfg: TrainConfig, tape: Path, model_url: str) -> dict[str, Any]:
     """Greedy answers to the first ``val_tasks`` validation tasks (and, with ``val_samples``,
     sampled ones at the training temperature); a failed rollout scores 0."""
-    from recorder._collect import EnvConfig, RecordConfig, record
-    from recorder._envs import builtin_env
+    from recorder import EnvConfig, RecordConfig, builtin_env, record
 
     # The first val_tasks validation tasks, as their own task file (record's --limit counts rollouts).
     tasks = cfg.out / "validation_tasks.jsonl"
@@ -452,7 +449,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     import torch
     from transformers import AutoModelForCausalLM
 
-    from recorder._models import default_model_dir
+    from recorder import default_model_dir
 
     from ._filters import TapeFilters
     from ._follower import TapeFollower

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from recorder import Tape, ingest_gym_jsonl
-from recorder._call_log import call_key
+from recorder.serve._call_log import call_key
 from tests.servers import ROOT, Server, start_gymtape_serve
 
 pytestmark = pytest.mark.gym

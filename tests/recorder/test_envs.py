@@ -7,7 +7,7 @@ import re
 import orjson
 import pytest
 
-from recorder._envs import BUILTIN_ENVS, SPLITS, builtin_env, last_int, make_tasks, safe_eval
+from recorder.collect._envs import BUILTIN_ENVS, SPLITS, builtin_env, last_int, make_tasks, safe_eval
 
 
 def test_calculator_evaluates_integer_arithmetic_only() -> None:

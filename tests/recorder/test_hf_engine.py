@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recorder._engine import Engine, EngineError, Generation, SamplingParams
-from recorder._hf_engine import HFEngine
-from recorder._models import default_model_dir
+from recorder.serve.engines._protocol import Engine, EngineError, Generation, SamplingParams
+from recorder.serve.engines._hf import HFEngine
+from recorder.serve.engines._models import default_model_dir
 
 TEXTS = [
     "The capital of France is",

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from recorder._models import default_model_dir
-from recorder._tokenizers import qwen_tokenizer_dir
-from recorder.onpolicy import SpliceError, count_eos, splice_prefix
+from recorder.serve.engines._models import default_model_dir
+from recorder.serve.engines._qwen import qwen_tokenizer_dir
+from recorder.serve._splice import SpliceError, count_eos, splice_prefix
 
 TOOLS = [
     {

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from recorder import Tape
-from recorder._collect import EnvConfig, RecordConfig, RecordConfigError, load_config, record, work_items
+from recorder.collect._collector import EnvConfig, RecordConfig, RecordConfigError, load_config, record, work_items
 from tests.conftest import wait_until
 from tests.servers import ROOT, Server, start_gymtape_serve
 

@@ -205,7 +205,7 @@ def test_upstream_down_entirely_is_502(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_identical_calls_in_concurrent_rollouts_continue_separate_rollouts() -> None:
-    from recorder._call_log import CallLog
+    from recorder.serve._call_log import CallLog
 
     log = CallLog(None)
     a, b = log.assign(None), log.assign(None)

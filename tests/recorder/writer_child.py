@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 
-import recorder._writer as writer_mod
+import recorder.tape._writer as writer_mod
 from recorder import CallRecord, RolloutRecord, TapeWriter
 
 tape, mode, writer_id, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from recorder import CallRecord, RolloutRecord, Tape, TapeWriter, TokenizerIdentity, tokenizer_identity
-from recorder._prompting import PromptBuilder
-from recorder._prompts import common_prefix_len
+from recorder.serve._prompting import PromptBuilder
+from recorder.tape._prompts import common_prefix_len
 from replay import CheckReport, check_tape
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -161,7 +161,7 @@ def test_reasoning_dropped_by_the_template_is_classified_reasoning_stripped(tmp_
     """Qwen3's template drops <think> from earlier turns; the recorded (spliced) prompt keeps it."""
     from transformers import AutoTokenizer
 
-    from recorder._tokenizers import qwen_tokenizer_dir
+    from recorder.serve.engines._qwen import qwen_tokenizer_dir
 
     qdir = qwen_tokenizer_dir()
     qtok = AutoTokenizer.from_pretrained(qdir)

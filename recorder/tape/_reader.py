@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ._errors import CorruptShardError, TapeError
+from .._errors import CorruptShardError, TapeError
 from ._layout import CALLS_DIR, ROLLOUTS_DIR, SHARD_VERSION_KEY, TABLES, WRITERS_DIR, is_published_shard, is_temp_file
 from ._meta import TapeMeta, check_version, read_meta
 from ._prompts import rebuild_prompts

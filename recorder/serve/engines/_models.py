@@ -13,13 +13,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ._errors import GymtapeError
-from ._fsutil import build_dir_atomic
+from ..._data import chat_template_path
+from ..._errors import GymtapeError
+from ...tape._storage import build_dir_atomic
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DATASETS = Path(__file__).resolve().parents[1] / "datasets"
-CHAT_TEMPLATES = _DATASETS / "chat_templates"
 
 
 class ModelUnavailableError(GymtapeError):
@@ -53,7 +52,7 @@ def default_model_dir() -> Path:
     del config.quantization_config
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
-    tokenizer.chat_template = (CHAT_TEMPLATES / "chatml_tools.jinja").read_text()
+    tokenizer.chat_template = chat_template_path("chatml_tools.jinja").read_text()
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -29,11 +29,11 @@ import httpx
 import orjson
 
 from ._envs import BuiltinEnv, builtin_env
-from ._errors import GymtapeError
+from .._errors import GymtapeError
 from ._gym import line_to_records
-from ._reader import Tape
-from ._records import RolloutRecord
-from ._writer import TapeWriter
+from ..tape._reader import Tape
+from ..tape._records import RolloutRecord
+from ..tape._writer import TapeWriter
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 
@@ -160,7 +160,7 @@ class RecordReport:
 
 
 @dataclass(frozen=True)
-class _Item:
+class WorkItem:
     env: EnvConfig
     task_index: int
     repeat: int
@@ -175,7 +175,7 @@ class _Permanent(Exception):
     """Not worth retrying: the request itself is wrong (4xx), or the answer is unusable."""
 
 
-def work_items(envs: list[EnvConfig]) -> list[_Item]:
+def work_items(envs: list[EnvConfig]) -> list[WorkItem]:
     """All (env, task, repeat) triples, interleaved by weight (deterministic)."""
     keyed = []
     for env in envs:
@@ -183,7 +183,7 @@ def work_items(envs: list[EnvConfig]) -> list[_Item]:
         k = 0
         for repeat in range(env.repeats):
             for ti, task in enumerate(lines):
-                keyed.append(((k + 0.5) / env.weight, env.name, _Item(env, ti, repeat, task)))
+                keyed.append(((k + 0.5) / env.weight, env.name, WorkItem(env, ti, repeat, task)))
                 k += 1
     keyed.sort(key=lambda x: (x[0], x[1]))
     return [x[2] for x in keyed]
@@ -360,7 +360,7 @@ class Recorder:
         self.on_result = on_result
         self._same_tape: dict[str, bool] = {}
 
-    def pending(self) -> list[_Item]:
+    def pending(self) -> list[WorkItem]:
         items = work_items(self.config.envs)
         if self.config.limit is not None:  # the same first N on a resumed run, so it finishes that set
             items = items[: self.config.limit]
@@ -371,11 +371,11 @@ class Recorder:
             self.report.skipped = before - len(items)
         return items
 
-    async def run(self, items: list[_Item]) -> RecordReport:
+    async def run(self, items: list[WorkItem]) -> RecordReport:
         t0 = time.perf_counter()
         writer = TapeWriter(self.config.tape, created_by="gymtape record", flush_rows=256, flush_seconds=5.0)
         limits = httpx.Limits(max_connections=self.config.concurrency * 2, max_keepalive_connections=self.config.concurrency * 2)
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         for it in items:
             queue.put_nowait(it)
         try:
@@ -390,7 +390,7 @@ class Recorder:
         self.report.elapsed_s = time.perf_counter() - t0
         return self.report
 
-    async def _worker(self, client: httpx.AsyncClient, queue: asyncio.Queue[_Item], writer: TapeWriter) -> None:
+    async def _worker(self, client: httpx.AsyncClient, queue: asyncio.Queue[WorkItem], writer: TapeWriter) -> None:
         while True:
             try:
                 item = queue.get_nowait()
@@ -398,7 +398,7 @@ class Recorder:
                 return
             self._write(item, await self._attempt(client, item), writer)
 
-    async def _attempt(self, client: httpx.AsyncClient, item: _Item) -> tuple[dict[str, Any] | None, list[Any], str]:
+    async def _attempt(self, client: httpx.AsyncClient, item: WorkItem) -> tuple[dict[str, Any] | None, list[Any], str]:
         reason = ""
         for attempt in range(self.config.retries + 1):
             try:
@@ -425,7 +425,7 @@ class Recorder:
             self._same_tape[server_url] = tape is not None and Path(tape) == self.config.tape.resolve()
         return self._same_tape[server_url]
 
-    async def _one(self, client: httpx.AsyncClient, item: _Item) -> tuple[dict[str, Any], list[Any]]:
+    async def _one(self, client: httpx.AsyncClient, item: WorkItem) -> tuple[dict[str, Any], list[Any]]:
         env = item.env
         server = env.server_url or (env.model_url if env.builtin is not None else None)
         join = await self._records_here(client, server)
@@ -438,7 +438,7 @@ class Recorder:
             joins = await _lookup(client, server, line) if join else []  # type: ignore[arg-type]
         return line, joins if join else []
 
-    def _write(self, item: _Item, result: tuple[dict[str, Any] | None, list[Any], str], writer: TapeWriter) -> None:
+    def _write(self, item: WorkItem, result: tuple[dict[str, Any] | None, list[Any], str], writer: TapeWriter) -> None:
         line, joins, reason = result
         r = self.report
         if line is None:

@@ -23,10 +23,10 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from ._errors import GymFormatError
-from ._reader import Tape
-from ._records import CallRecord, RolloutRecord
-from ._writer import TapeWriter
+from .._errors import GymFormatError
+from ..tape._reader import Tape
+from ..tape._records import CallRecord, RolloutRecord
+from ..tape._writer import TapeWriter
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 _INPUT, _RESPONSE, _REWARD, _TASK, _REPEAT = (
@@ -308,6 +308,12 @@ def export_gym_jsonl(tape: str | os.PathLike[str] | Tape, out: IO[bytes]) -> int
         out.write(_dumps_exact(line))
         n += 1
     return n
+
+
+def gym_jsonl_size(tape: str | os.PathLike[str] | Tape) -> int:
+    """Bytes ``export_gym_jsonl`` would write for ``tape`` (nothing is written)."""
+    t = tape if isinstance(tape, Tape) else Tape(tape)
+    return sum(len(_dumps_exact(line)) for line in iter_gym_lines(t))
 
 
 def _dumps_exact(line: dict[str, Any]) -> bytes:

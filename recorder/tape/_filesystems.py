@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from recorder import CorruptShardError, TapeError
-from recorder._layout import SHARD_VERSION_KEY, is_published_shard
-from recorder._meta import check_version
+from .._errors import CorruptShardError, TapeError
+from ._layout import SHARD_VERSION_KEY, is_published_shard
+from ._meta import check_version
 
 
 def resolve_filesystem(path: str | os.PathLike[str], filesystem: Any = None) -> tuple[pafs.FileSystem, str]:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
 
-from ._gym import _dumps_exact, iter_gym_lines
 from ._layout import CALLS_DIR, META_FILE, ROLLOUTS_DIR
 from ._reader import Tape
 
 
-def summarize(tape: Tape, *, gym_jsonl_bytes: bool = True, max_groups: int | None = None) -> dict[str, Any]:
-    """Counts, token totals, storage, reward by group, statuses, policy versions and shards."""
+def summarize(tape: Tape, *, jsonl_size: Callable[[Tape], int] | None = None,
+              max_groups: int | None = None) -> dict[str, Any]:
+    """Counts, token totals, storage, reward by group, statuses, policy versions and shards.
+
+    ``jsonl_size`` sizes the same rollouts in another format (``recorder.gym_jsonl_size``: Gym
+    rollout JSONL); the summary then holds ``gym_jsonl_bytes`` and ``compression_ratio``.
+    """
     calls = tape.calls()
     rollouts = tape.rollouts()
     c = calls.select(
@@ -74,8 +79,8 @@ def summarize(tape: Tape, *, gym_jsonl_bytes: bool = True, max_groups: int | Non
                     "not_closed": sorted(w for w in writers_seen if w not in clean)},
         "temp_files": [str(p.relative_to(tape.path)) for p in tape.temp_files()],
     }
-    if gym_jsonl_bytes:
-        total = sum(len(_dumps_exact(line)) for line in iter_gym_lines(tape))
+    if jsonl_size is not None:
+        total = jsonl_size(tape)
         out["gym_jsonl_bytes"] = total
         out["compression_ratio"] = total / tape_bytes if tape_bytes else None
     return out

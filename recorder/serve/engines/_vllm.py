@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import orjson
 
-from ._engine import EngineError, Generation, SamplingParams
-from ._process import stop_process_group
+from ._protocol import EngineError, Generation, SamplingParams
+from .._process import stop_process_group
 
 
 _JSON_HEADERS = {"content-type": "application/json"}

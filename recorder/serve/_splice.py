@@ -36,7 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ._errors import GymtapeError
+from .._errors import GymtapeError
 
 __all__ = ["SpliceError", "count_eos", "splice_prefix"]
 

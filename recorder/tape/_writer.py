@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import _signals
-from ._errors import TapeValueError, WriterClosedError
-from ._fsutil import publish, temp_path_for, write_bytes_atomic
+from .._errors import TapeValueError, WriterClosedError
+from ._storage import publish, temp_path_for, write_bytes_atomic
 from ._layout import (
     CALLS_DIR,
     FORMAT_VERSION,

@@ -12,7 +12,6 @@ import hmac
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,67 +21,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ._call_log import CallLog
-from ._engine import Engine, EngineError
-from ._fsutil import write_bytes_atomic
-from ._layout import RUNS_DIR
-from ._meta import tokenizer_identity
+from ._config import ServeConfig
+from .engines._protocol import Engine, EngineError
+from ..tape._storage import write_bytes_atomic
+from ..tape._layout import RUNS_DIR
+from ..tape._meta import tokenizer_identity
 from ._openai import APIError, ChatRequest, parse_chat, parse_json
 from ._parsers import TOOL_PARSERS, split_reasoning
 from ._prompting import PromptBuilder
-from ._records import CallRecord
-
-
-@dataclass(kw_only=True)
-class ServeConfig:
-    """Everything `gymtape serve` needs; CLI flags map onto these fields one to one."""
-
-    #: Address to bind; loopback by default (the server executes no code, but it is not hardened).
-    host: str = "127.0.0.1"
-    port: int = 8000
-    #: Tape directory to record every call to; None records nothing.
-    tape: Path | None = None
-    #: ``hf`` (in-process transformers) or ``vllm`` (a vLLM server over HTTP).
-    engine: str = "hf"
-    #: hf: checkpoint directory (default: the embedded SmolLM2). vllm: model to start, or to pick at --upstream.
-    model: str | None = None
-    #: vllm: URL of a running vLLM server; without it a local vLLM is started and supervised.
-    upstream: str | None = None
-    #: If set, every endpoint but /health requires ``Authorization: Bearer <api_key>``.
-    api_key: str | None = None
-    #: Tokenizer directory (default: the model's).
-    tokenizer: str | None = None
-    #: Jinja chat template file overriding the tokenizer's.
-    chat_template: str | None = None
-    #: End-of-turn token the splice counts (default: the tokenizer's eos token).
-    eos_token: str | None = None
-    #: How tool calls are parsed from generated text.
-    tool_parser: str = "hermes"
-    #: Split ``<think>…</think>`` into ``reasoning_content``.
-    reasoning: bool = True
-    #: hf engine: torch device and dtype.
-    device: str = "cpu"
-    dtype: str = "float32"
-    #: hf: concurrent requests per batch.
-    max_batch_size: int = 16
-    max_model_len: int | None = None
-    #: Name served in responses and /v1/models (default: the engine's).
-    served_model_name: str | None = None
-    #: Policy version stamped on calls until /admin/weights changes it.
-    policy_version: int = 0
-    #: Seconds a recorded call may wait in memory before it is written (what a live tape
-    #: follower, e.g. `gymtape train`, waits for at most).
-    flush_seconds: float = 5.0
-    #: vllm: seconds to wait for the upstream's answer before a 504.
-    upstream_timeout: float = 600.0
-    #: vllm without --upstream: port and log of the supervised vLLM.
-    vllm_port: int = 0
-    vllm_log: str | None = None
-    vllm_args: tuple[str, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["api_key"] = "***" if self.api_key else None
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+from ..tape._records import CallRecord
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -253,17 +200,17 @@ class GymtapeServer:
 
 def build_engine(config: ServeConfig) -> tuple[Engine, str, Any]:
     """The engine, the tokenizer directory, and a supervised vLLM process (or None)."""
-    from ._models import default_model_dir
+    from .engines._models import default_model_dir
 
     if config.engine == "hf":
-        from ._hf_engine import HFEngine
+        from .engines._hf import HFEngine
 
         model_dir = str(config.model or default_model_dir())
         engine = HFEngine(model_dir, model_name=config.served_model_name, device=config.device, dtype=config.dtype,
                           max_batch_size=config.max_batch_size, max_model_len=config.max_model_len)
         return engine, config.tokenizer or model_dir, None
     if config.engine == "vllm":
-        from ._vllm_engine import VLLMEngine, VLLMProcess
+        from .engines._vllm import VLLMEngine, VLLMProcess
 
         proc = None
         upstream = config.upstream

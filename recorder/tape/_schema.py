@@ -123,7 +123,7 @@ def render_markdown() -> str:
     out = [
         f"# Tape format v{FORMAT_VERSION}: column reference",
         "",
-        "Generated from `recorder/_schema.py` by `make docs`; do not edit by hand.",
+        "Generated from `recorder/tape/_schema.py` by `make docs`; do not edit by hand.",
         "See `tape-layout.md` for the directory layout, atomicity and versioning rules.",
     ]
     for table, cols in COLUMNS.items():

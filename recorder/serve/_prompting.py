@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from ._openai import TOKEN_FIELDS, APIError
-from .onpolicy import SpliceError, splice_prefix
+from ._splice import SpliceError, splice_prefix
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ._errors import TapeError
+from .._errors import TapeError
 
 
 def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:

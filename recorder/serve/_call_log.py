@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._meta import TokenizerIdentity
-from ._records import CallRecord
-from ._writer import TapeWriter
+from ..tape._meta import TokenizerIdentity
+from ..tape._records import CallRecord
+from ..tape._writer import TapeWriter
 
 _STOP = object()
 

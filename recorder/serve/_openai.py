@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from ._engine import SamplingParams
+from .engines._protocol import SamplingParams
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from ._errors import NotATapeError, TapeError, TapeVersionError, TokenizerMismatchError
-from ._fsutil import write_bytes_atomic
+from .._errors import NotATapeError, TapeError, TapeVersionError, TokenizerMismatchError
+from ._storage import write_bytes_atomic
 from ._layout import FORMAT_NAME, FORMAT_VERSION, META_FILE, layout_dict
 
 #: Files whose bytes define a tokenizer's behaviour, chat template included.

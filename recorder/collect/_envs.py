@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-ENVS_DIR = Path(__file__).resolve().parents[1] / "datasets" / "envs"
+from .._data import env_tasks_path
+
 SPLITS = ("train", "validation")
 _INT = re.compile(r"-?\d+")
 
@@ -91,7 +92,7 @@ class BuiltinEnv:
     def tasks_path(self, split: str = "train") -> Path:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return ENVS_DIR / self.name / f"{split}.jsonl"
+        return env_tasks_path(self.name, split)
 
     def call_tool(self, name: str, args: dict[str, Any], task: dict[str, Any]) -> str:
         tool = self.tools.get(name)

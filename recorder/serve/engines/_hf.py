@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from ._engine import EngineError, Generation, SamplingParams
+from ._protocol import EngineError, Generation, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from ._layout import temp_name
 
@@ -72,3 +74,17 @@ def build_dir_atomic(target: Path, build: Callable[[Path], None], marker: str) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """Write a local file that appears whole or not at all: nothing is published if the block raises."""
+    final = Path(final)
+    tmp = temp_path_for(final)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        publish(tmp, final, overwrite=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

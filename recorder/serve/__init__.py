@@ -1,0 +1,7 @@
+"""`gymtape serve`: the OpenAI-compatible on-policy server that records every call to a tape.
+
+Request parsing (``_openai``), prompting and the splice (``_prompting``, ``_splice``), the call
+log (``_call_log``), the app (``_server``), child-process supervision (``_process``) and the
+engines (``engines/``: the protocol, ``hf``, ``vllm``, the embedded default model; a new engine
+is one file there). Imports the ``tape`` wing, never ``collect``.
+"""
