@@ -55,6 +55,7 @@ demo: $(STAMP)
 
 bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/bench_tape.py
+	$(BIN)/python bench/bench_compact.py
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_record.py
 	$(BIN)/python bench/bench_check.py

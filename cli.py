@@ -41,11 +41,32 @@ def _friendly(fn: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def _flag_values(ctx: typer.Context, config_cls: type, *, renames: dict[str, str] | None = None,
+                 given_only: bool = False) -> dict[str, Any]:
+    """The command's parameters that are fields of ``config_cls`` (a dataclass), keyed by field
+    name: flags map onto config fields one to one (tests/test_config_flags.py checks it).
+    ``given_only``: only flags set on the command line or by environment variable, which then
+    override a config file."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    out: dict[str, Any] = {}
+    for param, value in ctx.params.items():
+        name = (renames or {}).get(param, param)
+        if name not in names:
+            continue
+        source = ctx.get_parameter_source(param)
+        if given_only and (source is None or source.name in ("DEFAULT", "DEFAULT_MAP")):
+            continue
+        out[name] = value.value if isinstance(value, Enum) else value
+    return out
+
+
 @app.command()
 @_friendly
 def ingest(
     files: Annotated[list[Path], typer.Argument(help="NeMo Gym rollout JSONL files.", exists=True, dir_okay=False)],
-    tape: Annotated[Path, typer.Option("--tape", help="Tape directory (created or appended to).")],
+    tape: Annotated[str, typer.Option("--tape", help="Tape directory or URL (created or appended to).")],
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed line instead of skipping it.")] = False,
 ) -> None:
     """Convert NeMo Gym rollout JSONL into a tape (re-running skips rollouts already there)."""
@@ -70,6 +91,11 @@ def ingest(
     )
 
 
+#: --allow-tokenizer-mismatch, the same on every command that reads token IDs with a tokenizer.
+_ALLOW_MISMATCH_HELP = ("Proceed when the tokenizer's identity differs from the one tape.json records "
+                        "(default: refuse; see recorder.resolve_tokenizer).")
+
+
 class ExportFormat(str, Enum):
     gym_jsonl = "gym-jsonl"
     sft = "sft"
@@ -84,7 +110,7 @@ class DpoPairs(str, Enum):
 @app.command()
 @_friendly
 def export(
-    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
+    tape: Annotated[str, typer.Argument(help="Tape: a directory or a URL (s3://bucket/run1).")],
     format: Annotated[ExportFormat, typer.Option("--format", help="gym-jsonl: Gym rollout JSONL; sft / dpo: "
                                                  "Parquet for TRL or PyTorch (see docs/trainer-bridge.md).")] = ExportFormat.gym_jsonl,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output; "
@@ -95,8 +121,11 @@ def export(
     all_statuses: Annotated[bool, typer.Option("--all-statuses", help="sft / dpo: include truncated and failed "
                                                 "rollouts (default: status ok only).")] = False,
     tokenizer: Annotated[Path | None, typer.Option(help="sft / dpo: tokenizer for the text columns (default: the "
-                                                   "embedded SmolLM2-135M-Instruct's).")] = None,
+                                                   "tape's, found by its recorded identity; else the embedded "
+                                                   "SmolLM2-135M-Instruct's).")] = None,
     no_text: Annotated[bool, typer.Option("--no-text", help="sft / dpo: token columns only, no decoded text.")] = False,
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch",
+                                                           help="sft / dpo: " + _ALLOW_MISMATCH_HELP)] = False,
 ) -> None:
     """Write a tape's rollouts out: Gym rollout JSONL, or SFT / DPO training Parquet."""
     if format is not ExportFormat.gym_jsonl:
@@ -104,16 +133,20 @@ def export(
 
         if out is None:
             raise typer.BadParameter(f"--format {format.value} writes Parquet: give --out FILE.parquet")
-        tok: Path | None = None
+        tok: Any = None
         if not no_text:
-            from recorder import default_model_dir
+            from recorder import Tape, resolve_tokenizer
 
-            tok = tokenizer or default_model_dir()
+            tok = resolve_tokenizer(Tape(tape), tokenizer, allow_mismatch=allow_tokenizer_mismatch)
         filters = TapeFilters(status=None if all_statuses else ("ok",))
         if format is ExportFormat.sft:
-            report = export_sft(tape, out, min_reward=min_reward, filters=filters, tokenizer=tok)
+            report = export_sft(tape, out, min_reward=min_reward, filters=filters, tokenizer=tok,
+                                allow_tokenizer_mismatch=allow_tokenizer_mismatch)
         else:
-            report = export_dpo(tape, out, margin=margin, pairs=pairs.value, filters=filters, tokenizer=tok)
+            report = export_dpo(tape, out, margin=margin, pairs=pairs.value, filters=filters, tokenizer=tok,
+                                allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+        for w in report.warnings:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False)
         skipped = ", ".join(f"{k}: {v}" for k, v in report.skipped.items())
         unit = "sequences" if format is ExportFormat.sft else "pairs"
         err.print(f"exported {report.rows} {unit} ({format.value}) from {report.rollouts_considered} rollouts to {out}"
@@ -134,7 +167,7 @@ def export(
 @app.command()
 @_friendly
 def inspect(
-    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
+    tape: Annotated[str, typer.Argument(help="Tape: a directory or a URL (s3://bucket/run1).")],
     json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     no_jsonl_ratio: Annotated[bool, typer.Option("--no-jsonl-ratio", help="Skip sizing the equivalent Gym JSONL.")] = False,
 ) -> None:
@@ -147,114 +180,66 @@ def inspect(
 
         sys.stdout.buffer.write(orjson.dumps(s, option=orjson.OPT_INDENT_2) + b"\n")
         return
-    _render_summary(s, Console())
+    from replay import print_summary
+
+    print_summary(s, Console())
 
 
-def _render_summary(s: dict[str, Any], console: Console) -> None:
-    from rich.table import Table
+@app.command()
+@_friendly
+def compact(
+    tape: Annotated[str, typer.Argument(help="Tape: a directory or a URL (s3://bucket/run1).")],
+    to: Annotated[str | None, typer.Option("--to", help="Publish a compacted copy here instead (a directory or URL "
+                                                        "holding no tape yet); the source is left untouched.")] = None,
+    retention: Annotated[float, typer.Option("--retention", help="In place: seconds a superseded shard is kept after "
+                                                                 "its replacement appears (0: deleted at once).")] = 0.0,
+    shard_mb: Annotated[int, typer.Option("--shard-mb", help="Stored megabytes merged into one compacted shard.")] = 128,
+    json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Merge a tape's small shards into large ones; readers and a live writer may go on meanwhile."""
+    from recorder import compact_tape
 
-    def num(v: Any) -> str:
-        if v is None:
-            return "-"
-        return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"
+    report = compact_tape(tape, to=to, retention=retention, shard_bytes=shard_mb << 20)
+    if json:
+        import orjson
 
-    top = Table(title=f"tape {s['tape']} (format v{s['format_version']})", show_header=False, title_justify="left")
-    top.add_column(style="bold")
-    top.add_column(justify="right")
-    stored_ratio = s["stored_tokens"] / max(1, s["prompt_tokens"] + s["generation_tokens"])
-    rows = [
-        ("rollouts", num(s["rollouts"])),
-        ("calls", num(s["calls"])),
-        ("prompt tokens (full prompts)", num(s["prompt_tokens"])),
-        ("generation tokens", num(s["generation_tokens"])),
-        ("tokens stored (delta-encoded)", f"{num(s['stored_tokens'])}  ({stored_ratio:.1%} of prompt+generation)"),
-        ("tape bytes", num(s["tape_bytes"])),
-    ]
-    if "gym_jsonl_bytes" in s:
-        ratio = s["compression_ratio"]
-        rows.append(("equivalent Gym JSONL bytes", f"{num(s['gym_jsonl_bytes'])}  ({ratio:.1f}x the tape)" if ratio else "-"))
-    rows += [
-        ("mean reward", num(s["mean_reward"])),
-        ("status", ", ".join(f"{k}: {v}" for k, v in s["status"].items()) or "-"),
-        ("token fields", ", ".join(f"{k}: {v}" for k, v in s["token_status"].items()) or "-"),
-        ("policy versions", f"{num(s['policy_versions']['min'])} .. {num(s['policy_versions']['max'])}"),
-        ("shards", ", ".join(f"{t}: {v['count']} ({num(v['bytes'])} B)" for t, v in s["shards"].items())),
-        ("writers", f"{len(s['writers']['seen'])} ({len(s['writers']['not_closed'])} not closed cleanly)"),
-    ]
-    if s["temp_files"]:
-        rows.append(("temporary files (ignored)", str(len(s["temp_files"]))))
-    for k, v in rows:
-        top.add_row(k, v)
-    console.print(top)
-    groups = Table(title=f"reward by group ({s['num_groups']} groups)", title_justify="left")
-    for col in ("group", "rollouts", "mean", "std", "min", "max"):
-        groups.add_column(col, justify="left" if col == "group" else "right")
-    shown = s["groups"][:20]
-    for g in shown:
-        groups.add_row(str(g["group_key"]), num(g["rollouts"]), num(g["mean"]), num(g["std"]), num(g["min"]), num(g["max"]))
-    if len(s["groups"]) > len(shown):
-        groups.caption = f"first {len(shown)} of {s['num_groups']}; --json lists all"
-    console.print(groups)
+        sys.stdout.buffer.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    where = f"{report.tape} -> {report.to}" if report.to else report.tape
+    for t in report.tables.values():
+        kept = f", {t.retained} kept for --retention" if t.retained else ""
+        err.print(f"{t.table}: {t.shards_in} shard(s) -> {t.shards_out}, {t.rows} rows, {t.bytes_in:,} -> "
+                  f"{t.bytes_out:,} bytes; {t.deleted} superseded shard(s) deleted{kept}", highlight=False)
+    err.print(f"compacted {where} in {report.seconds:.1f} s" if report.shards_in or report.to
+              else f"{where}: nothing to compact", highlight=False)
 
 
 @app.command()
 @_friendly
 def check(
-    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer directory (default: the "
-                                                    "embedded SmolLM2-135M-Instruct's).")] = None,
+    tape: Annotated[str, typer.Argument(help="Tape: a directory or a URL (s3://bucket/run1).")],
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer directory (default: the tape's, "
+                                                    "found by its recorded identity; else the embedded "
+                                                    "SmolLM2-135M-Instruct's).")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     max_examples: Annotated[int, typer.Option(help="Problems of each type shown with their context.")] = 20,
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch",
+                                                           help=_ALLOW_MISMATCH_HELP)] = False,
 ) -> None:
     """Structural train-generation checks (re-tokenization, re-templating, history, fields); exit 1 on problems."""
     from recorder import Tape
     from replay import check_tape
 
-    if tokenizer is None:
-        from recorder import default_model_dir
-
-        tokenizer = default_model_dir()
-    report = check_tape(Tape(tape), tokenizer, max_examples=max_examples)
+    report = check_tape(Tape(tape), tokenizer, max_examples=max_examples,
+                        allow_tokenizer_mismatch=allow_tokenizer_mismatch)
     if json:
         import orjson
 
         sys.stdout.buffer.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
     else:
-        from rich.table import Table
+        from replay import print_check
 
-        console = Console()
-        d = report.to_dict()
-        top = Table(title=f"check {d['tape']}", show_header=False, title_justify="left")
-        top.add_column(style="bold")
-        top.add_column(justify="right")
-        frac = d["off_policy_fraction"]
-        rows = [
-            ("rollouts", f"{d['rollouts']:,} ({d['rollouts_with_problems']:,} with problems)"),
-            ("calls", f"{d['calls']:,} ({d['checkable_calls']:,} re-templated, {d['not_checkable']:,} not checkable)"),
-            ("off-policy if re-templated", "-" if frac is None else
-             f"{frac:.1%} of {d['checkable_generated_tokens']:,} generated tokens"),
-        ]
-        rows += [(f"problem: {k}", f"{v:,}") for k, v in d["totals"].items()]
-        rows.append(("re-template causes", ", ".join(f"{k}: {v}" for k, v in d["retemplate_categories"].items() if v) or "-"))
-        rows.append(("re-tokenization kinds", ", ".join(f"{k}: {v}" for k, v in d["retokenization_kinds"].items() if v) or "-"))
-        rows.append(("checked in", f"{d['elapsed_s']:.2f} s"))
-        for k, v in rows:
-            top.add_row(k, v)
-        console.print(top)
-        for w in d["warnings"]:
-            err.print(f"[yellow]warning:[/] {w}", highlight=False)
-        if d["examples"]:
-            ex = Table(title="first problems", title_justify="left", show_lines=True)
-            for col in ("type", "rollout / call", "what", "context"):
-                ex.add_column(col, overflow="fold")
-            for p in d["examples"][:12]:
-                ctx = [f"before: {p['before'][-40:]!r}"] if "before" in p else []
-                for side in ("recorded", "template", "generated", "reencoded", "previous", "prompt"):
-                    if side in p:
-                        ctx.append(f"{side}: {p[side]['text']!r} {p[side]['tokens'][:6]}")
-                where = "-" if p["rollout_id"] is None else f"{p['rollout_id']} #{p['call_index']}"
-                ex.add_row(p["type"], where, p["message"], "\n".join(ctx) or "-")
-            console.print(ex)
+        print_check(report.to_dict(), Console(), warnings_to=err)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -262,12 +247,13 @@ def check(
 @app.command()
 @_friendly
 def replay(
-    tape: Annotated[Path, typer.Argument(help="Tape directory.")],
+    tape: Annotated[str, typer.Argument(help="Tape: a directory or a URL (s3://bucket/run1).")],
     model: Annotated[Path | None, typer.Option(help="Checkpoint directory to re-score with (default: the embedded "
                                                     "SmolLM2-135M-Instruct, unless --engine-url is given).")] = None,
     engine_url: Annotated[str | None, typer.Option(help="Re-score on this running vLLM instead (prompt_logprobs).")] = None,
     engine_model: Annotated[str | None, typer.Option(help="Model name at --engine-url (default: the first served).")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer for decoding tokens (default: the model's).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer for decoding tokens (default: the model's; with "
+                                                   "--engine-url, the tape's, found by its recorded identity).")] = None,
     device: Annotated[str, typer.Option(help="torch device for --model (cpu, cuda).")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     json: Annotated[bool, typer.Option("--json", help="Print the JSON report (gymtape.replay/1) instead of tables.")] = False,
@@ -285,6 +271,8 @@ def replay(
     top: Annotated[int, typer.Option(help="Rows shown per terminal table.")] = 10,
     ray: Annotated[int | None, typer.Option("--ray", help="--model: score on N Ray Data workers (one model replica "
                                             "each; RAY_ADDRESS picks a running cluster).")] = None,
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch",
+                                                           help=_ALLOW_MISMATCH_HELP)] = False,
 ) -> None:
     """Re-score every generated token (trainer-side model or live vLLM) against the recorded logprobs; exit 1 above --fail-above."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -322,7 +310,8 @@ def replay(
     with progress:
         report = replay_tape(tape, tokenizer=tokenizer, device=device, dtype=dtype, is_bounds=(lo, hi),
                              fail_above=thresholds, concurrency=concurrency, worst_tokens=worst,
-                             detail_rollouts=details, progress=advance, **scorer).to_dict()
+                             detail_rollouts=details, progress=advance, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                             **scorer).to_dict()
     if html is not None:
         from replay import write_replay_html
 
@@ -352,23 +341,27 @@ class MatchBy(str, Enum):
 @app.command()
 @_friendly
 def diff(
-    tape_a: Annotated[Path, typer.Argument(help="First tape (changes are reported as B - A).")],
-    tape_b: Annotated[Path, typer.Argument(help="Second tape.")],
+    tape_a: Annotated[str, typer.Argument(help="First tape, a directory or URL (changes are reported as B - A).")],
+    tape_b: Annotated[str, typer.Argument(help="Second tape, a directory or URL.")],
     by: Annotated[MatchBy, typer.Option("--by", help="Pair rollouts by (env, task, repeat) or by rollout id.")]
     = MatchBy.task,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer directory for the decoded text "
-                                                    "(default: the embedded SmolLM2-135M-Instruct's).")] = None,
+                                                    "(default: the tapes', found by their recorded identity; else "
+                                                    "the embedded SmolLM2-135M-Instruct's).")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print the JSON report (gymtape.diff/1) instead of tables.")]
     = False,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report here.")] = None,
     top: Annotated[int, typer.Option(help="Divergences shown in the terminal.")] = 10,
     fail_on_divergence: Annotated[bool, typer.Option("--fail-on-divergence",
                                                      help="Exit 1 when any matched pair diverges.")] = False,
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch",
+                                                           help=_ALLOW_MISMATCH_HELP)] = False,
 ) -> None:
     """Pair the rollouts of two tapes and show where each pair first diverges, reward and logprob changes."""
     from replay import diff_tapes, print_diff, write_diff_html
 
-    report = diff_tapes(tape_a, tape_b, by=by.value, tokenizer=tokenizer).to_dict()
+    report = diff_tapes(tape_a, tape_b, by=by.value, tokenizer=tokenizer,
+                        allow_tokenizer_mismatch=allow_tokenizer_mismatch).to_dict()
     if html is not None:
         write_diff_html(report, html)
     if json:
@@ -420,18 +413,26 @@ class Split(str, Enum):
 @app.command()
 @_friendly
 def record(
+    ctx: typer.Context,
     tape: Annotated[Path | None, typer.Option(help="Tape directory (default: the config's `tape`).")] = None,
     agent_url: Annotated[str | None, typer.Option(help="A running Gym agent server (POST /run).")] = None,
     env: Annotated[str | None, typer.Option("--env", help="A built-in environment (see --list-envs).")] = None,
+    name: Annotated[str | None, typer.Option(help="Environment name stored in the tape (default: --env, or "
+                                                  "gym_agent).")] = None,
     tasks: Annotated[Path | None, typer.Option(help="Gym task JSONL (built-in envs: their split).")] = None,
     split: Annotated[Split, typer.Option(help="Built-in env split when --tasks is not given.")] = Split.train,
+    task_index: Annotated[list[int] | None, typer.Option(help="Record only this task (0-based line of the task "
+                                                              "file; repeatable, kept in order).")] = None,
     repeats: Annotated[int, typer.Option(help="Rollouts per task.")] = 1,
     concurrency: Annotated[int, typer.Option(help="Rollouts in flight.")] = 8,
     model_url: Annotated[str | None, typer.Option(help="Built-in envs: chat endpoint base URL, e.g. http://127.0.0.1:8000/v1.")] = None,
     model: Annotated[str, typer.Option(help="Built-in envs: model name sent to the chat endpoint.")] = "default",
     server_url: Annotated[str | None, typer.Option(help="gymtape serve URL to join its recorded calls (Gym agents).")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling override.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Sampling override.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Sampling override (max tokens per call).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sample each (task, repeat) with its own seed derived from this "
+                                                  "one: a re-run samples the same rollouts.")] = None,
     config: Annotated[Path | None, typer.Option(help="Run YAML listing environments (see docs/record.md).", exists=True)] = None,
     select: Annotated[str | None, typer.Option(help="Comma-separated env names from --config.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip (env, task, repeat) triples already on the tape.")] = False,
@@ -450,22 +451,35 @@ def record(
         for name, e in BUILTIN_ENVS.items():
             Console().print(f"[bold]{name}[/]: {e.description} (tasks: {e.tasks_path('train').parent})")
         return
-    sampling = {k: v for k, v in (("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
+    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("max_tokens", max_tokens))
+                if v is not None}
+    # flags that map onto RecordConfig; with --config only those given override the YAML's values
+    run_flags = _flag_values(ctx, RecordConfig, given_only=config is not None)
+    run_flags.pop("tape", None)
     if config is not None:
+        renames = {"env": "builtin", "task_index": "task_indices"}
+        flag_of = {v: k for k, v in renames.items()}
+        one_env = sorted(flag_of.get(f, f) for f in _flag_values(ctx, EnvConfig, renames=renames, given_only=True))
+        one_env = [f for f in one_env if f != "seed"]
+        if one_env:
+            raise RecordConfigError(f"{', '.join('--' + f.replace('_', '-') for f in one_env)}: describe one "
+                                    f"environment without --config; set them per environment in {config}")
         cfg = load_config(config, tape=tape, select=select.split(",") if select else None)
         for e in cfg.envs:
             e.sampling = {**e.sampling, **sampling}
+            e.seed = seed if seed is not None else e.seed
     else:
         if tape is None:
             raise RecordConfigError("give --tape (or --config with a `tape:`)")
-        name = env or "gym_agent"
         tasks_file = tasks
         if env is not None and tasks is None:
             tasks_file = BUILTIN_ENVS[env].tasks_path(split.value) if env in BUILTIN_ENVS else None
-        cfg = RecordConfig(tape=tape, envs=[EnvConfig(name=name, tasks=tasks_file, repeats=repeats, agent_url=agent_url,
-                                                      builtin=env, model_url=model_url, model=model,
-                                                      server_url=server_url, sampling=sampling)])
-    cfg.concurrency, cfg.resume, cfg.limit, cfg.timeout, cfg.retries = concurrency, resume, limit, timeout, retries
+        one = EnvConfig(name=name or env or "gym_agent", tasks=tasks_file, repeats=repeats, agent_url=agent_url,
+                        builtin=env, model_url=model_url, model=model, server_url=server_url, sampling=sampling,
+                        task_indices=task_index or None, seed=seed)
+        cfg = RecordConfig(tape=tape, envs=[one])
+    for key, value in run_flags.items():
+        setattr(cfg, key, value)
     progress = Progress(TextColumn("[bold]record"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[rate]}"), console=err, disable=not err.is_terminal)
     state: dict[str, Any] = {}
@@ -502,6 +516,10 @@ class EngineName(str, Enum):
 @app.command()
 @_friendly
 def serve(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="JSON/YAML file of serve settings (the fields of "
+                                                "recorder.ServeConfig, e.g. a run's serve.json); flags given as well "
+                                                "override it.", exists=True, dir_okay=False)] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     tape: Annotated[Path | None, typer.Option(help="Record every call to this tape directory.")] = None,
@@ -525,32 +543,28 @@ def serve(
     flush_seconds: Annotated[float, typer.Option(help="Write recorded calls at most this many seconds after they "
                                                        "happen (lower: live tape followers see them sooner).")] = 5.0,
     upstream_timeout: Annotated[float, typer.Option(help="vllm: seconds to wait for an answer before 504.")] = 600.0,
+    vllm_port: Annotated[int, typer.Option(help="vllm without --upstream: port of the started server (0: a free "
+                                                "one).")] = 0,
     vllm_log: Annotated[str | None, typer.Option(help="vllm without --upstream: log file of the started server.")] = None,
     vllm_arg: Annotated[list[str] | None, typer.Option(help="vllm without --upstream: extra argument for the started "
                                                            "server (repeatable), e.g. --vllm-arg=--enforce-eager.")] = None,
 ) -> None:
     """Serve an on-policy OpenAI-compatible endpoint for NeMo Gym and record every call."""
-    import uvicorn
+    import dataclasses
 
-    from recorder import ServeConfig, create_app
+    from recorder import ServeConfig, run_server
 
-    config = ServeConfig(
-        host=host, port=port, tape=tape, engine=engine.value, model=model, upstream=upstream, api_key=api_key,
-        tokenizer=tokenizer, chat_template=chat_template, eos_token=eos_token, tool_parser=tool_parser,
-        reasoning=reasoning, device=device, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
-        served_model_name=served_model_name, policy_version=policy_version, flush_seconds=flush_seconds,
-        vllm_log=vllm_log,
-        upstream_timeout=upstream_timeout, vllm_args=tuple(vllm_arg or ()),
-    )
-    # In-flight requests get 10 s to finish on SIGTERM/SIGINT; then they are cancelled and the
-    # tape writer is closed (a Gym call with thousands of max_tokens must not hold the stop).
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=10)
+    values = _flag_values(ctx, ServeConfig, renames={"vllm_arg": "vllm_args"}, given_only=config is not None)
+    if "vllm_args" in values:
+        values["vllm_args"] = tuple(values["vllm_args"] or ())
+    settings = ServeConfig(**values) if config is None else dataclasses.replace(ServeConfig.from_file(config), **values)
+    run_server(settings)
 
 
 @app.command()
 @_friendly
 def train(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Run directory: tape, validation tape, weights, metrics.jsonl, curve.png.")],
     env: Annotated[str, typer.Option("--env", help="Built-in environment to train on (see gymtape record --list-envs).")] = "plus",
     model: Annotated[str | None, typer.Option(help="Initial checkpoint dir (default: embedded SmolLM2-135M-Instruct).")] = None,
@@ -560,6 +574,9 @@ def train(
     max_tokens: Annotated[int, typer.Option(help="Max tokens per answer (training and validation).")] = 32,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of training rollouts.")] = 1.0,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    betas: Annotated[tuple[float, float], typer.Option(help="AdamW betas (two numbers: --betas 0.9 0.99).")] = (0.9, 0.99),
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this before each step.")] = 1.0,
     max_staleness: Annotated[int, typer.Option(help="0: on-policy; K: sampling runs up to K versions ahead (async).")] = 0,
     correction: Annotated[str, typer.Option(help="Mismatch correction: tis, mis-token, mis-sequence, geo-mask, none.")] = "tis",
     is_cap: Annotated[float, typer.Option(help="TIS cap on the per-token ratio.")] = 2.0,
@@ -568,10 +585,13 @@ def train(
     clip_low: Annotated[float, typer.Option(help="PPO clip: ratio >= 1 - clip_low.")] = 0.2,
     clip_high: Annotated[float, typer.Option(help="PPO clip: ratio <= 1 + clip_high.")] = 0.28,
     aggregate: Annotated[str, typer.Option(help="Loss aggregation: token-mean or seq-mean-token-mean.")] = "token-mean",
+    std_normalize: Annotated[bool, typer.Option(help="GRPO advantage divided by the group's reward std "
+                                                     "(--no-std-normalize: Dr. GRPO).")] = True,
     val_every: Annotated[int, typer.Option(help="Validate every N steps (0: only first and last).")] = 10,
     val_tasks: Annotated[int, typer.Option(help="Validation tasks (greedy, from the env's validation split).")] = 64,
     val_samples: Annotated[int, typer.Option(help="Also sample each validation task N times at --temperature "
                                              "(val_reward_sampled); 0: greedy only.")] = 0,
+    token_budget: Annotated[int, typer.Option(help="Trainer micro-batch size in tokens (packed, no padding).")] = 4096,
     serve_dtype: Annotated[str, typer.Option(help="Dtype of the sampling server's engine.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch threads for the trainer.")] = None,
     serve_threads: Annotated[int | None, typer.Option(help="torch threads for the sampling server (async mode on a "
@@ -579,19 +599,16 @@ def train(
     seed: Annotated[int, typer.Option(help="Seeds task order, sampling and torch.")] = 0,
     port: Annotated[int, typer.Option(help="Port of the sampling server (0: a free one).")] = 0,
     concurrency: Annotated[int, typer.Option(help="Rollouts in flight while collecting.")] = 64,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept under weights/ (the latest ones).")] = 2,
+    batch_timeout: Annotated[float, typer.Option(help="Seconds the trainer waits for a training batch.")] = 600.0,
+    server_timeout: Annotated[float, typer.Option(help="Seconds to wait for the sampling server to start.")] = 300.0,
     plot: Annotated[bool, typer.Option(help="Write curve.png at the end.")] = True,
 ) -> None:
     """Reference GRPO loop: serve the policy, record rollouts, follow the tape, update, push weights."""
     from trainer_bridge import TrainConfig
     from trainer_bridge import train as run_train
 
-    cfg = TrainConfig(out=out, env=env, model=model, steps=steps, groups_per_step=groups_per_step,
-                      group_size=group_size, max_tokens=max_tokens, temperature=temperature, lr=lr,
-                      max_staleness=max_staleness, correction=correction, is_cap=is_cap, is_low=is_low, is_high=is_high,
-                      clip_low=clip_low, clip_high=clip_high, aggregate=aggregate, val_every=val_every,
-                      val_tasks=val_tasks, val_samples=val_samples, serve_dtype=serve_dtype, threads=threads, serve_threads=serve_threads,
-                      seed=seed, port=port,
-                      concurrency=concurrency, plot=plot)
+    cfg = TrainConfig(**_flag_values(ctx, TrainConfig))
     report = run_train(cfg, log=lambda line: err.print(line, highlight=False, markup=False))
     base, final = report.base_val_reward, report.final_val_reward
     delta = f" ({final - base:+.3f})" if base is not None and final is not None else ""

@@ -20,49 +20,55 @@ import importlib
 from typing import Any
 
 from ._errors import (
+    BundledDataError,
+    CompactionBusyError,
     CorruptShardError,
     GymFormatError,
     GymtapeError,
     NotATapeError,
+    RecordConfigError,
+    ServeProcessError,
+    StorageError,
     TapeError,
     TapeValueError,
     TapeVersionError,
+    TokenizerLoadError,
     TokenizerMismatchError,
+    UnknownEnvError,
     WriterClosedError,
+    WriterIdConflictError,
 )
 from .collect._gym import IngestReport, export_gym_jsonl, gym_jsonl_size, ingest_gym_jsonl, iter_gym_lines
 from .collect._synthetic import synthesize_gym_rollouts
-from .serve._config import ServeConfig
+from .serve._config import ServeConfig, ServeConfigError
 from .serve._splice import SpliceError, splice_prefix
+from .serve._tokenizer import ResolvedTokenizer, resolve_tokenizer
 from .serve.engines._models import DEFAULT_MODEL, ModelUnavailableError, cache_dir, default_model_dir
-from .tape._filesystems import list_shards, read_shard, resolve_filesystem
+from .tape._compact import CompactReport, TableCompaction, compact_tape
 from .tape._inspect import summarize
 from .tape._layout import FORMAT_VERSION
 from .tape._meta import TapeMeta, TokenizerIdentity, tokenizer_identity
 from .tape._prompts import common_prefix_len, rebuild_prompts
-from .tape._reader import CallsByRollout, ListColumn, ShardInfo, Tape
+from .tape._reader import CallsByRollout, ListColumn, Tape
+from .tape._shards import ShardCatalog, ShardInfo, ShardListing
 from .tape._records import CallRecord, RolloutRecord
 from .tape._schema import CALLS_SCHEMA, ROLLOUTS_SCHEMA
-from .tape._storage import atomic_file, write_bytes_atomic
+from .tape._storage import TapeStorage, atomic_file, write_bytes_atomic
 from .tape._writer import TapeWriter
 
 #: Names whose modules pull in heavy dependencies (FastAPI, transformers, httpx): loaded on first use.
 _LAZY = {
     "create_app": ".serve._server",
     "PromptBuilder": ".serve._prompting",
-    "log_tail": ".serve._process",
-    "stop_process_group": ".serve._process",
-    "wait_healthy": ".serve._process",
+    "ServeProcess": ".serve._process",
+    "run_server": ".serve._entry",
     "qwen_tokenizer_dir": ".serve.engines._qwen",
     "BUILTIN_ENVS": ".collect._envs",
     "BuiltinEnv": ".collect._envs",
     "builtin_env": ".collect._envs",
     "EnvConfig": ".collect._collector",
     "RecordConfig": ".collect._collector",
-    "RecordConfigError": ".collect._collector",
     "RecordReport": ".collect._collector",
-    "Recorder": ".collect._collector",
-    "WorkItem": ".collect._collector",
     "load_config": ".collect._collector",
     "record": ".collect._collector",
 }
@@ -83,19 +89,24 @@ def __dir__() -> list[str]:
 
 __all__ = [
     # errors (the whole tree of every package: recorder/_errors.py)
-    "CorruptShardError", "GymFormatError", "GymtapeError", "ModelUnavailableError", "NotATapeError",
-    "RecordConfigError", "SpliceError", "TapeError", "TapeValueError", "TapeVersionError", "TokenizerMismatchError",
-    "WriterClosedError",
+    "BundledDataError", "CorruptShardError", "GymFormatError", "GymtapeError", "ModelUnavailableError", "NotATapeError",
+    "RecordConfigError", "ServeConfigError", "ServeProcessError", "SpliceError", "TapeError", "TapeValueError",
+    "TapeVersionError", "TokenizerLoadError", "TokenizerMismatchError", "UnknownEnvError", "WriterClosedError",
+    "WriterIdConflictError", "StorageError", "CompactionBusyError",
     # the tape
     "CALLS_SCHEMA", "FORMAT_VERSION", "ROLLOUTS_SCHEMA", "CallRecord", "CallsByRollout", "ListColumn", "RolloutRecord",
     "ShardInfo", "Tape", "TapeMeta", "TapeWriter", "TokenizerIdentity", "atomic_file", "common_prefix_len",
-    "list_shards", "read_shard", "rebuild_prompts", "resolve_filesystem", "summarize", "tokenizer_identity",
+    "rebuild_prompts", "summarize", "tokenizer_identity",
+    # storage (local, shared POSIX, object storage) and compaction
+    "CompactReport", "ShardCatalog", "ShardListing", "TableCompaction", "TapeStorage", "compact_tape",
     "write_bytes_atomic",
     # serving
-    "DEFAULT_MODEL", "PromptBuilder", "ServeConfig", "cache_dir", "create_app", "default_model_dir", "log_tail",
-    "qwen_tokenizer_dir", "splice_prefix", "stop_process_group", "wait_healthy",
+    "DEFAULT_MODEL", "PromptBuilder", "ServeConfig", "ServeProcess", "cache_dir", "create_app", "default_model_dir",
+    "qwen_tokenizer_dir", "run_server", "splice_prefix",
+    # the one tokenizer policy (check, replay, diff, export)
+    "ResolvedTokenizer", "resolve_tokenizer",
     # collection, Gym import/export
-    "BUILTIN_ENVS", "BuiltinEnv", "EnvConfig", "IngestReport", "RecordConfig", "RecordReport", "Recorder", "WorkItem",
+    "BUILTIN_ENVS", "BuiltinEnv", "EnvConfig", "IngestReport", "RecordConfig", "RecordReport",
     "builtin_env", "export_gym_jsonl", "gym_jsonl_size", "ingest_gym_jsonl", "iter_gym_lines", "load_config", "record",
     "synthesize_gym_rollouts",
 ]

@@ -1,18 +1,43 @@
-"""The exception tree of gymtape.
+"""The exception tree of gymtape: every package's, in one place.
 
 Every error gymtape raises on purpose derives from :class:`GymtapeError`, so a caller can
-catch one type. Foreign errors (pyarrow, OS, JSON) are wrapped where they cross into gymtape,
-with the original kept as ``__cause__``::
+catch one type. Foreign errors (pyarrow, OS, JSON, transformers) are wrapped where they cross
+into gymtape, with the original kept as ``__cause__``. Where a builtin type was raised before,
+the gymtape type also derives from it (shown in brackets), so ``except ValueError`` keeps
+working. ``tests/test_public_api.py`` checks that this drawing lists exactly the subclasses
+that exist::
 
     GymtapeError
-    ├── TapeError                  a tape on disk cannot be used
-    │   ├── NotATapeError          the directory has no tape.json
-    │   ├── TapeVersionError       written by another format version
-    │   ├── CorruptShardError      a shard cannot be read (names the file)
-    │   └── TokenizerMismatchError a writer's tokenizer differs from the tape's
-    ├── TapeValueError             a record handed to the writer breaks a rule
-    ├── WriterClosedError          a closed writer was used
-    └── GymFormatError             a Gym JSONL line is malformed (names file and line)
+    ├── TapeError                    a tape on disk cannot be used (recorder.tape)
+    │   ├── NotATapeError            the directory has no tape.json
+    │   ├── TapeVersionError         written by another format version
+    │   ├── CorruptShardError        a shard cannot be read (names the file)
+    │   ├── TokenizerMismatchError   a tokenizer's identity differs from the tape's
+    │   ├── WriterIdConflictError    two writers share one writer id [FileExistsError]
+    │   └── StorageError             the tape's storage cannot be used as asked (e.g. live capture to a URL)
+    │       └── CompactionBusyError  another compactor is working on the tape
+    ├── TapeValueError               a record or argument breaks a tape rule [ValueError]
+    ├── WriterClosedError            a closed writer was used
+    ├── GymFormatError               a Gym JSONL line is malformed (names file and line) [ValueError]
+    ├── TokenizerLoadError           a tokenizer directory cannot be loaded
+    ├── ModelUnavailableError        a model is not installed or cannot be built (recorder.serve)
+    ├── ServeConfigError             the server cannot start as configured
+    ├── ServeProcessError            a `gymtape serve` child did not start, died, or refused weights
+    ├── BundledDataError             gymtape's bundled datasets/ is missing (a broken install)
+    ├── SpliceError                  message token IDs cannot be spliced into the prompt [ValueError]
+    ├── RecordConfigError            a record configuration is invalid (recorder.collect) [ValueError]
+    │   └── UnknownEnvError          no built-in environment has that name [KeyError]
+    ├── ReplayError                  replay was asked for something it cannot do (replay)
+    │   └── UnknownMetricError       a --fail-above names no metric
+    ├── ReplayModelError             the re-scoring model cannot be loaded or run
+    ├── EngineReplayError            re-scoring on a live engine failed
+    ├── DiffError                    two tapes cannot be compared as asked
+    ├── BridgeValueError             a trainer_bridge argument breaks a rule [ValueError]
+    ├── UnsupportedModelError        a model lacks what scoring needs [TypeError]
+    ├── ResumeStateError             a loader's resume state does not fit [ValueError]
+    ├── FollowerTimeout              a live tape produced no batch in time [TimeoutError]
+    ├── ExportError                  an SFT/DPO export cannot be written as asked
+    └── TrainError                   the reference GRPO loop cannot go on
 """
 
 from __future__ import annotations
@@ -46,11 +71,25 @@ class CorruptShardError(TapeError):
 
 
 class TokenizerMismatchError(TapeError):
-    """A writer's tokenizer identity differs from the one recorded in ``tape.json``."""
+    """A tokenizer's identity differs from the one recorded in ``tape.json`` (a writer's, or
+    the one a command reads the tape with: see :func:`recorder.resolve_tokenizer`)."""
+
+
+class WriterIdConflictError(TapeError, FileExistsError):
+    """A shard name is taken: two writers share one writer id."""
+
+
+class StorageError(TapeError):
+    """The tape's storage cannot be used as asked: a URL where live capture needs a POSIX
+    folder, a filesystem that cannot be reached, a URL no filesystem knows."""
+
+
+class CompactionBusyError(StorageError):
+    """Another `gymtape compact` holds the tape's compaction lock (one compactor per tape)."""
 
 
 class TapeValueError(GymtapeError, ValueError):
-    """A record handed to the writer breaks a rule of the tape format."""
+    """A record handed to the writer, or an argument of the tape API, breaks a rule of the tape format."""
 
 
 class WriterClosedError(GymtapeError):
@@ -65,3 +104,27 @@ class GymFormatError(GymtapeError, ValueError):
         self.source = source
         self.line_no = line_no
         self.reason = reason
+
+
+class TokenizerLoadError(GymtapeError):
+    """A tokenizer directory (or hub id) cannot be loaded."""
+
+
+class RecordConfigError(GymtapeError, ValueError):
+    """A record configuration (YAML or flags) is invalid."""
+
+
+class UnknownEnvError(RecordConfigError, KeyError):
+    """No built-in environment has the name asked for."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ServeProcessError(GymtapeError):
+    """A `gymtape serve` child process (:class:`~recorder.ServeProcess`) did not start, died, or
+    refused a request; the message ends with its log."""
+
+
+class BundledDataError(GymtapeError):
+    """gymtape's bundled data (built-in environments, chat templates) is not where it should be."""

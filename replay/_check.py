@@ -14,8 +14,9 @@ Per call, four checks:
   ``prefix_len`` is shorter than the previous prompt + generation): a rewrite, truncation or
   summary of the conversation.
 * **fields**: generation/logprob lengths, ``prompt_len`` against the rebuilt prompt, NaN/inf/
-  positive logprobs, token IDs outside the tokenizer's vocabulary, and the tokenizer identity
-  against ``tape.json``.
+  positive logprobs, token IDs outside the tokenizer's vocabulary. The tokenizer itself is
+  chosen and compared with ``tape.json`` by :func:`recorder.resolve_tokenizer`: a different one
+  is refused unless allowed, and then reported as a ``tokenizer_mismatch`` problem.
 
 The off-policy fraction answers "would a trainer that re-templates messages be off-policy on
 this tape?": the share of generated tokens (over calls whose request messages are on the tape)
@@ -31,13 +32,12 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from recorder import GymtapeError, ListColumn, Tape, TokenizerIdentity, common_prefix_len, tokenizer_identity
+from recorder import ListColumn, Tape, common_prefix_len, resolve_tokenizer
 
 SCHEMA_VERSION = 1
 
@@ -295,46 +295,41 @@ _COLUMNS = ["call_id", "rollout_id", "call_index", "prefix_len", "prompt_suffix_
             "generation_logprobs", "token_status", "messages_prefix_len", "new_messages_json", "tools_json"]
 
 
-def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any, *, max_examples: int = 20,
-               tokenizer_dir: str | os.PathLike[str] | None = None) -> CheckReport:
+def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, max_examples: int = 20,
+               tokenizer_dir: str | os.PathLike[str] | None = None,
+               allow_tokenizer_mismatch: bool = False) -> CheckReport:
     """Run the structural checks over every call of ``tape``.
 
     Args:
         tape: a :class:`recorder.Tape` or its directory.
-        tokenizer: a transformers tokenizer, or a tokenizer directory to load one from.
+        tokenizer: a transformers tokenizer, a tokenizer directory, or None for the tape's own
+            (found by :func:`recorder.resolve_tokenizer`, the one policy every command uses).
         max_examples: problems of each type kept with their context in ``examples``
             (all are counted).
-        tokenizer_dir: directory the tokenizer was loaded from, for the identity check against
-            ``tape.json`` (default: the directory given as ``tokenizer``, else the tokenizer's
-            ``name_or_path`` when it is a local directory).
+        tokenizer_dir: directory a loaded ``tokenizer`` came from, for the identity check
+            against ``tape.json`` (default: its ``name_or_path`` when that is a local directory).
+        allow_tokenizer_mismatch: check with a tokenizer whose identity differs from the
+            tape's instead of raising :class:`recorder.TokenizerMismatchError`; the mismatch is
+            then a ``tokenizer_mismatch`` problem and a warning.
     """
     t0 = time.perf_counter()
     if not isinstance(tape, Tape):
         tape = Tape(tape)
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer(tokenizer)
-        if tokenizer_dir is None and Path(tokenizer.name_or_path).exists():
-            tokenizer_dir = tokenizer.name_or_path
-    if tokenizer_dir is None:
-        nop = getattr(tokenizer, "name_or_path", None)
-        if nop and Path(nop).is_dir():
-            tokenizer_dir = nop
-    ident: TokenizerIdentity | None = tokenizer_identity(tokenizer_dir) if tokenizer_dir is not None else None
-    report = CheckReport(tape=str(tape.path), tokenizer=ident.to_dict() if ident else None,
-                         tape_tokenizer=tape.meta.tokenizer.to_dict() if tape.meta.tokenizer else None)
+    loaded = tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike))
+    if loaded and tokenizer_dir is not None:
+        resolved = resolve_tokenizer(tape, tokenizer_dir, allow_mismatch=allow_tokenizer_mismatch, load=False)
+    else:
+        resolved = resolve_tokenizer(tape, tokenizer, allow_mismatch=allow_tokenizer_mismatch)
+        tokenizer = resolved.tokenizer
+    ident = resolved.identity
+    recorded = tape.meta.tokenizer
+    report = CheckReport(tape=tape.location, tokenizer=ident.to_dict() if ident else None,
+                         tape_tokenizer=recorded.to_dict() if recorded else None, warnings=list(resolved.warnings))
     st = _State(report, max_examples)
     tok = _Tok(tokenizer)
-
-    if tape.meta.tokenizer is None:
-        report.warnings.append("the tape records no tokenizer identity (tape.json tokenizer is null); "
-                               "cannot confirm the tokenizer matches")
-    elif ident is None:
-        report.warnings.append("the tokenizer's directory is unknown; its identity was not compared with tape.json")
-    elif ident.sha256 != tape.meta.tokenizer.sha256:
-        st.add("tokenizer_mismatch", None, None, None,
-               f"the tape was recorded with tokenizer {tape.meta.tokenizer.name} (sha256 "
-               f"{tape.meta.tokenizer.sha256[:12]}), the check uses {ident.name} (sha256 {ident.sha256[:12]})",
-               {"tape_tokenizer": tape.meta.tokenizer.to_dict(), "tokenizer": ident.to_dict()})
+    if resolved.mismatch is not None and ident is not None and recorded is not None:
+        st.add("tokenizer_mismatch", None, None, None, resolved.mismatch,
+               {"tape_tokenizer": recorded.to_dict(), "tokenizer": ident.to_dict()})
 
     table = tape.read("calls", _COLUMNS).sort_by([("rollout_id", "ascending"), ("call_index", "ascending")])
     report.calls = table.num_rows
@@ -350,15 +345,6 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any, *, max_examp
     report.examples.sort(key=lambda p: PROBLEM_TYPES.index(p.type))
     report.elapsed_s = time.perf_counter() - t0
     return report
-
-
-def _load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise GymtapeError(f"cannot load a tokenizer from {path}: {e}") from e
 
 
 class _Columns:

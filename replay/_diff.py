@@ -25,12 +25,11 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from recorder import GymtapeError, ListColumn, Tape, TokenizerIdentity, common_prefix_len, rebuild_prompts, tokenizer_identity
+from recorder import GymtapeError, ListColumn, Tape, common_prefix_len, rebuild_prompts, resolve_tokenizer
 
 SCHEMA = "gymtape.diff/1"
 #: Bucket edges of divergence offsets (tokens into a call's prompt or generation; the last
@@ -46,7 +45,7 @@ MatchBy = Literal["task", "id"]
 
 
 class DiffError(GymtapeError):
-    """Two tapes cannot be compared as asked (bad ``by``, no tokenizer)."""
+    """Two tapes cannot be compared as asked (e.g. a bad ``by``)."""
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -194,26 +193,6 @@ class _Decoder:
 
     def tail(self, ids: np.ndarray) -> str:
         return self.text(ids[-_CONTEXT_TOKENS:])[-CONTEXT_CHARS:]
-
-
-def _load_tokenizer(tokenizer: Any) -> tuple[Any, TokenizerIdentity | None]:
-    if tokenizer is None:
-        from recorder import default_model_dir
-
-        tokenizer = default_model_dir()
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        path = Path(tokenizer)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as e:
-            raise DiffError(f"cannot load a tokenizer from {path}: {e}. Pass --tokenizer DIR "
-                            "(a directory saved with save_pretrained)") from e
-        return tok, tokenizer_identity(path)
-    nop = getattr(tokenizer, "name_or_path", None)
-    ident = tokenizer_identity(nop) if nop and Path(nop).is_dir() else None
-    return tokenizer, ident
 
 
 # -- pairing ------------------------------------------------------------------------------
@@ -449,7 +428,7 @@ def _summarize(pairs: list[dict[str, Any]], deltas: list[np.ndarray], unmatched_
 
 
 def diff_tapes(a: Tape | str | os.PathLike[str], b: Tape | str | os.PathLike[str], *, by: MatchBy = "task",
-               tokenizer: Any = None) -> DiffReport:
+               tokenizer: Any = None, allow_tokenizer_mismatch: bool = False) -> DiffReport:
     """Pair the rollouts of tapes ``a`` and ``b`` and report where each pair first differs.
 
     Args:
@@ -457,27 +436,29 @@ def diff_tapes(a: Tape | str | os.PathLike[str], b: Tape | str | os.PathLike[str
         by: ``"task"`` pairs rollouts by (env, task index, repeat index) -- two recordings of
             the same task file; ``"id"`` pairs them by rollout id -- a tape and a copy of it.
         tokenizer: decodes the text around divergences: a transformers tokenizer, a
-            tokenizer directory, or None for the embedded default model's.
+            tokenizer directory, or None for the tapes' own (found by
+            :func:`recorder.resolve_tokenizer`, the one policy every command uses).
+        allow_tokenizer_mismatch: compare even when a tape was recorded with another tokenizer
+            than the one used, or the two tapes with different ones (their token IDs are then not
+            comparable; a warning in the report), instead of raising
+            :class:`recorder.TokenizerMismatchError`.
     """
     t0 = time.perf_counter()
     if by not in ("task", "id"):
         raise DiffError(f"by must be 'task' or 'id', got {by!r}")
     ta = a if isinstance(a, Tape) else Tape(a)
     tb = b if isinstance(b, Tape) else Tape(b)
-    tok, ident = _load_tokenizer(tokenizer)
-    dec = _Decoder(tok)
+    resolved = resolve_tokenizer([ta, tb], tokenizer, allow_mismatch=allow_tokenizer_mismatch)
+    ident = resolved.identity
+    dec = _Decoder(resolved.tokenizer)
     ida, idb = ta.meta.tokenizer, tb.meta.tokenizer
-    report = DiffReport(tape_a=str(ta.path), tape_b=str(tb.path), by=by, tokenizer=ident.to_dict() if ident else None,
-                        tape_tokenizers={"a": ida.to_dict() if ida else None, "b": idb.to_dict() if idb else None})
-    if ida and idb and ida.sha256 != idb.sha256:
+    report = DiffReport(tape_a=ta.location, tape_b=tb.location, by=by, tokenizer=ident.to_dict() if ident else None,
+                        tape_tokenizers={"a": ida.to_dict() if ida else None, "b": idb.to_dict() if idb else None},
+                        warnings=list(resolved.warnings))
+    if ida and idb and ida.sha256 != idb.sha256:  # allowed above: say what it costs
         report.warnings.append(f"the tapes were recorded with different tokenizers ({ida.name} sha256 "
                                f"{ida.sha256[:12]} vs {idb.name} sha256 {idb.sha256[:12]}): their token IDs are "
                                "not comparable")
-    for label, t_ident in (("A", ida), ("B", idb)):
-        if t_ident and ident and t_ident.sha256 != ident.sha256:
-            report.warnings.append(f"tape {label} was recorded with tokenizer {t_ident.name} (sha256 "
-                                   f"{t_ident.sha256[:12]}) but text is decoded with {ident.name} (sha256 "
-                                   f"{ident.sha256[:12]}); pass --tokenizer with the tape's tokenizer")
 
     side_a, side_b = _Side(ta), _Side(tb)
     keys_a, unkeyed_a = _keys(side_a, by, "A", report.warnings)

@@ -1,8 +1,10 @@
-"""Reports of `gymtape replay` and `gymtape diff`: rich terminal summaries and self-contained HTML.
+"""Reports of every gymtape command: rich terminal summaries, and self-contained HTML for
+`gymtape replay` and `gymtape diff`.
 
-Both renderers take the JSON-ready dicts (``gymtape.replay/1`` from :mod:`replay._replay`,
-``gymtape.diff/1`` from :func:`replay.diff_tapes`), so a report saved as JSON renders the same
-later. The terminal puts the numbers that decide "is this tape trainable / did it change?"
+Every renderer takes the JSON-ready dict its command prints with ``--json`` (``summarize`` for
+`inspect`, ``CheckReport.to_dict()`` for `check`, ``gymtape.replay/1`` from
+:mod:`replay._replay`, ``gymtape.diff/1`` from :func:`replay.diff_tapes`), so a report saved as
+JSON renders the same later. The terminal puts the numbers that decide "is this tape trainable / did it change?"
 first (overall metrics and threshold failures), then where it goes wrong (worst rollouts, worst
 tokens with their context). The HTML page adds what a terminal cannot show: every token of the
 worst rollouts coloured by |Δlogprob|, and histograms. It is one file with inline CSS and
@@ -88,6 +90,100 @@ def _key(p: dict[str, Any]) -> str:
     if p.get("task_index") is None:
         return str(p.get("rollout_id_a") or p.get("rollout_id"))
     return f"{p.get('env') or '-'}/{p['task_index']}/{p.get('rollout_index')}"
+
+
+# == inspect and check: terminal ===============================================================
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    """Print a tape summary (:func:`recorder.summarize`, `gymtape inspect`): sizes, then rewards by group."""
+    s = summary
+
+    def num(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"
+
+    top = Table(title=f"tape {s['tape']} (format v{s['format_version']})", show_header=False, title_justify="left")
+    top.add_column(style="bold")
+    top.add_column(justify="right")
+    stored_ratio = s["stored_tokens"] / max(1, s["prompt_tokens"] + s["generation_tokens"])
+    rows = [
+        ("rollouts", num(s["rollouts"])),
+        ("calls", num(s["calls"])),
+        ("prompt tokens (full prompts)", num(s["prompt_tokens"])),
+        ("generation tokens", num(s["generation_tokens"])),
+        ("tokens stored (delta-encoded)", f"{num(s['stored_tokens'])}  ({stored_ratio:.1%} of prompt+generation)"),
+        ("tape bytes", num(s["tape_bytes"])),
+    ]
+    if "gym_jsonl_bytes" in s:
+        ratio = s["compression_ratio"]
+        rows.append(("equivalent Gym JSONL bytes", f"{num(s['gym_jsonl_bytes'])}  ({ratio:.1f}x the tape)" if ratio else "-"))
+    rows += [
+        ("mean reward", num(s["mean_reward"])),
+        ("status", ", ".join(f"{k}: {v}" for k, v in s["status"].items()) or "-"),
+        ("token fields", ", ".join(f"{k}: {v}" for k, v in s["token_status"].items()) or "-"),
+        ("policy versions", f"{num(s['policy_versions']['min'])} .. {num(s['policy_versions']['max'])}"),
+        ("shards", ", ".join(f"{t}: {v['count']} ({num(v['bytes'])} B)" for t, v in s["shards"].items())),
+        ("writers", f"{len(s['writers']['seen'])} ({len(s['writers']['not_closed'])} not closed cleanly)"),
+    ]
+    if s["temp_files"]:
+        rows.append(("temporary files (ignored)", str(len(s["temp_files"]))))
+    superseded = s.get("superseded", {})
+    if any(v["count"] for v in superseded.values()):
+        rows.append(("superseded shards (not read, awaiting deletion)",
+                     ", ".join(f"{t}: {v['count']} ({num(v['bytes'])} B)" for t, v in superseded.items())))
+    for k, v in rows:
+        top.add_row(k, v)
+    console.print(top)
+    groups = Table(title=f"reward by group ({s['num_groups']} groups)", title_justify="left")
+    for col in ("group", "rollouts", "mean", "std", "min", "max"):
+        groups.add_column(col, justify="left" if col == "group" else "right")
+    shown = s["groups"][:20]
+    for g in shown:
+        groups.add_row(str(g["group_key"]), num(g["rollouts"]), num(g["mean"]), num(g["std"]), num(g["min"]), num(g["max"]))
+    if len(s["groups"]) > len(shown):
+        groups.caption = f"first {len(shown)} of {s['num_groups']}; --json lists all"
+    console.print(groups)
+
+
+def print_check(report: dict[str, Any], console: Console, *, warnings_to: Console | None = None) -> None:
+    """Print a `gymtape check` report (``CheckReport.to_dict()``): totals, then the first problems.
+
+    Warnings go to ``warnings_to`` (the CLI's standard error) when given, else to ``console``.
+    """
+    d = report
+    top = Table(title=f"check {d['tape']}", show_header=False, title_justify="left")
+    top.add_column(style="bold")
+    top.add_column(justify="right")
+    frac = d["off_policy_fraction"]
+    rows = [
+        ("rollouts", f"{d['rollouts']:,} ({d['rollouts_with_problems']:,} with problems)"),
+        ("calls", f"{d['calls']:,} ({d['checkable_calls']:,} re-templated, {d['not_checkable']:,} not checkable)"),
+        ("off-policy if re-templated", "-" if frac is None else
+         f"{frac:.1%} of {d['checkable_generated_tokens']:,} generated tokens"),
+    ]
+    rows += [(f"problem: {k}", f"{v:,}") for k, v in d["totals"].items()]
+    rows.append(("re-template causes", ", ".join(f"{k}: {v}" for k, v in d["retemplate_categories"].items() if v) or "-"))
+    rows.append(("re-tokenization kinds", ", ".join(f"{k}: {v}" for k, v in d["retokenization_kinds"].items() if v) or "-"))
+    rows.append(("checked in", f"{d['elapsed_s']:.2f} s"))
+    for k, v in rows:
+        top.add_row(k, v)
+    console.print(top)
+    for w in d["warnings"]:
+        (warnings_to or console).print(f"[yellow]warning:[/] {w}", highlight=False)
+    if d["examples"]:
+        ex = Table(title="first problems", title_justify="left", show_lines=True)
+        for col in ("type", "rollout / call", "what", "context"):
+            ex.add_column(col, overflow="fold")
+        for p in d["examples"][:12]:
+            ctx = [f"before: {p['before'][-40:]!r}"] if "before" in p else []
+            for side in ("recorded", "template", "generated", "reencoded", "previous", "prompt"):
+                if side in p:
+                    ctx.append(f"{side}: {p[side]['text']!r} {p[side]['tokens'][:6]}")
+            where = "-" if p["rollout_id"] is None else f"{p['rollout_id']} #{p['call_index']}"
+            ex.add_row(p["type"], where, p["message"], "\n".join(ctx) or "-")
+        console.print(ex)
 
 
 # == replay: terminal ========================================================================

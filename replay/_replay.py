@@ -9,10 +9,11 @@ forwarded once, not once per call. Each generated token's call contributes its t
 the logits by that call's temperature; ``raw`` ones (vLLM's default, gymtape's hf engine) are
 compared with the plain model distribution.
 
-The report (schema ``gymtape.replay/1``, see ``docs/replay.md``) has the metrics of
-:mod:`replay._metrics` overall, per rollout, per call and per position bucket, the worst tokens
-with decoded context, token-level details of the worst rollouts for the HTML page, and the
-``--fail-above`` thresholds that were crossed.
+The report (schema ``gymtape.replay/1``, see ``docs/replay.md``) has the mismatch metrics
+(:func:`trainer_bridge.grouped_mismatch_metrics`, the one definition a training step logs too)
+overall, per rollout, per call and per position bucket, the worst tokens with decoded context,
+token-level details of the worst rollouts for the HTML page, and the ``--fail-above``
+thresholds that were crossed.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recorder import GymtapeError, Tape
-
-from ._metrics import DEFAULT_IS_BOUNDS, THRESHOLD_METRICS, grouped_metrics
 
 if TYPE_CHECKING:
     from ._score import ScoreSettings
@@ -106,10 +105,13 @@ def parse_fail_above(items: Sequence[str]) -> dict[str, float]:
 
 
 def _check_metric_names(fail_above: Mapping[str, float]) -> None:
-    unknown = sorted(set(fail_above) - set(THRESHOLD_METRICS))
+    from trainer_bridge import MISMATCH_METRIC_NAMES
+
+    allowed = MISMATCH_METRIC_NAMES[1:]  # every metric but the token count
+    unknown = sorted(set(fail_above) - set(allowed))
     if unknown:
         raise UnknownMetricError(f"--fail-above: unknown metric {', '.join(map(repr, unknown))}; "
-                                 f"use one of {', '.join(THRESHOLD_METRICS)}")
+                                 f"use one of {', '.join(allowed)}")
 
 
 def replay_tape(
@@ -121,7 +123,7 @@ def replay_tape(
     tokenizer: str | os.PathLike[str] | Any | None = None,
     device: str = "cpu",
     dtype: str = "float32",
-    is_bounds: Sequence[float] = DEFAULT_IS_BOUNDS,
+    is_bounds: Sequence[float] | None = None,
     position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
     fail_above: Mapping[str, float] | None = None,
     settings: ScoreSettings | None = None,
@@ -130,6 +132,7 @@ def replay_tape(
     detail_rollouts: int = 20,
     ray_workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> ReplayReport:
     """Re-score a tape's generated tokens and compare them with the recorded sampling logprobs.
 
@@ -138,8 +141,13 @@ def replay_tape(
         engine_url: instead of ``model``, a running vLLM to score on (``prompt_logprobs``).
         engine_model: the model name at ``engine_url`` (default: the first it serves).
         tokenizer: directory or tokenizer for decoding the worst tokens and details (default:
-            the model's; with ``engine_url``, the embedded model's when it is the tape's).
+            the model directory's; else the tape's own, found by :func:`recorder.resolve_tokenizer`).
+        allow_tokenizer_mismatch: score and decode even when the model directory's or the
+            decoding tokenizer's identity differs from the tape's (a warning in the report)
+            instead of raising :class:`recorder.TokenizerMismatchError`.
         settings: a :class:`replay._score.ScoreSettings` (batching of the model scorer).
+        is_bounds: importance ratios outside count in ``frac_outside_is_bounds`` (default:
+            :data:`trainer_bridge.DEFAULT_IS_BOUNDS`, 0.5 and 2).
         fail_above: metric → bound; an overall metric above its bound is a threshold failure.
         progress: called as ``progress(tokens_just_scored, total_tokens)``.
         ray_workers: score on this many Ray Data workers (one model replica each; see
@@ -147,18 +155,20 @@ def replay_tape(
     """
     if (model is None) == (engine_url is None):
         raise ReplayError("give exactly one of a model (trainer-side scoring) or an engine URL (vLLM scoring)")
+    from trainer_bridge import DEFAULT_IS_BOUNDS, build_sequences, grouped_mismatch_metrics
+
     fail_above = dict(fail_above or {})
     _check_metric_names(fail_above)
+    is_bounds = DEFAULT_IS_BOUNDS if is_bounds is None else is_bounds
     lo, hi = float(is_bounds[0]), float(is_bounds[1])
     if not 0 < lo <= hi:
         raise ReplayError(f"IS bounds must satisfy 0 < lo <= hi, got [{lo}, {hi}]")
     buckets = [int(b) for b in position_buckets]
     if not buckets or buckets[0] != 0 or any(b >= c for b, c in zip(buckets, buckets[1:])):
         raise ReplayError(f"position buckets must start at 0 and increase, got {buckets}")
-    from trainer_bridge import build_sequences
 
     tape = tape if isinstance(tape, Tape) else Tape(tape)
-    warnings: list[str] = []
+    decoding_tokenizer, warnings = _tokenizers(tape, model, tokenizer, allow_tokenizer_mismatch)
     seqs = build_sequences(tape)
     flat = _flatten(seqs)
     calls = _call_table(tape, flat)
@@ -173,7 +183,6 @@ def replay_tape(
             progress(n, total_tokens)
 
     model_name: str | None
-    loaded_tokenizer_src: Any = tokenizer
     if engine_url is not None:
         from ._engine_url import score_on_engine
 
@@ -185,16 +194,11 @@ def replay_tape(
         per_seq, model_name = score_on_engine(engine_url, flat.sequences, flat.masks, model=engine_model,
                                               concurrency=concurrency, progress=advance)
         mode, dev, dt = "engine", None, None
-        if loaded_tokenizer_src is None:
-            loaded_tokenizer_src = _default_tokenizer_for(tape, warnings)
     else:
         from ._score import ScoreSettings, load_model, score_sequences
 
         if isinstance(model, (str, os.PathLike)):
             model_name = str(model)
-            _compare_tokenizer(tape, Path(model), warnings)
-            if loaded_tokenizer_src is None:
-                loaded_tokenizer_src = Path(model)
             scorer = None if ray_workers else load_model(model, device=device, dtype=dtype)
             dev, dt = device, dtype
         elif ray_workers:
@@ -223,7 +227,7 @@ def replay_tape(
 
     # -- metrics ----------------------------------------------------------------------------------------
     def metrics(groups: np.ndarray, n: int) -> list[dict[str, Any]]:
-        return grouped_metrics(replayed, recorded, groups, n, calls=tok.call_code, is_bounds=(lo, hi))
+        return grouped_mismatch_metrics(replayed, recorded, groups, n, calls=tok.call_code, is_bounds=(lo, hi))
 
     overall = metrics(np.zeros(tok.size, np.int64), 1)[0]
     if overall["tokens"] == 0:
@@ -254,11 +258,11 @@ def replay_tape(
         if value is not None and (value > bound or math.isnan(value)):
             failures.append(f"{name} = {value:.6g} > {bound:g}")
 
-    decoder = _Decoder.load(loaded_tokenizer_src, warnings)
+    decoder = _Decoder(decoding_tokenizer)
     worst = _worst_tokens(tok, flat, replayed, decoder, worst_tokens)
     details = _details(tok, flat, replayed, per_rollout, decoder, detail_rollouts)
     return ReplayReport(
-        tape=str(tape.path), mode=mode, model=model_name, engine_url=engine_url, device=dev, dtype=dt,
+        tape=tape.location, mode=mode, model=model_name, engine_url=engine_url, device=dev, dtype=dt,
         settings={"is_bounds": [lo, hi], "position_buckets": buckets, "fail_above": fail_above},
         timing={"tokens": total_tokens, "seconds": seconds, "tokens_per_s": total_tokens / seconds if seconds > 0 else 0.0},
         skipped=calls.skipped, overall=overall, by_position=by_position, rollouts=rollouts, worst_tokens=worst,
@@ -423,35 +427,28 @@ def _generated_tokens(flat: _Flat, calls: _Calls) -> _Tokens:
 # -- tokenizer, worst tokens, details ------------------------------------------------------------------
 
 
-def _compare_tokenizer(tape: Tape, model_dir: Path, warnings: list[str]) -> None:
-    recorded = tape.meta.tokenizer
-    if recorded is None or not model_dir.is_dir():
-        return
-    from recorder import tokenizer_identity
+def _tokenizers(tape: Tape, model: Any, tokenizer: Any, allow_mismatch: bool) -> tuple[Any, list[str]]:
+    """The tokenizer that decodes the report's tokens, and the tokenizer policy's warnings.
 
-    try:
-        ident = tokenizer_identity(model_dir)
-    except GymtapeError:
-        return
-    if ident.sha256 != recorded.sha256:
-        warnings.append(f"the model's tokenizer files ({ident.name}, sha256 {ident.sha256[:12]}) differ from the "
-                        f"tape's ({recorded.name}, sha256 {recorded.sha256[:12]}); if the vocabularies differ the "
-                        "scores are meaningless")
+    A model directory's own tokenizer is held to the tape's identity too: scores from a model
+    with another vocabulary are meaningless, whatever decodes them.
+    """
+    from recorder import TapeError, resolve_tokenizer, tokenizer_identity
 
-
-def _default_tokenizer_for(tape: Tape, warnings: list[str]) -> Path | None:
-    """The embedded model's tokenizer when the tape was recorded with it, else None (IDs shown)."""
-    from recorder import default_model_dir, tokenizer_identity
-
-    recorded = tape.meta.tokenizer
-    try:
-        d = default_model_dir()
-        if recorded is not None and tokenizer_identity(d).sha256 == recorded.sha256:
-            return d
-    except GymtapeError:
-        pass
-    warnings.append("no tokenizer for decoding tokens (pass --tokenizer); tokens are shown as IDs")
-    return None
+    warnings: list[str] = []
+    from_model = None
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        try:
+            tokenizer_identity(model)
+        except TapeError:  # weights only: nothing to compare, decode with the given tokenizer
+            pass
+        else:
+            from_model = resolve_tokenizer(tape, model, allow_mismatch=allow_mismatch, load=tokenizer is None)
+            warnings += from_model.warnings
+    resolved = from_model if tokenizer is None and from_model is not None else \
+        resolve_tokenizer(tape, tokenizer, allow_mismatch=allow_mismatch)
+    warnings += resolved.warnings
+    return resolved.tokenizer, list(dict.fromkeys(warnings))
 
 
 class _Decoder:
@@ -459,20 +456,6 @@ class _Decoder:
 
     def __init__(self, tokenizer: Any | None) -> None:
         self.tok = tokenizer
-
-    @classmethod
-    def load(cls, src: Any, warnings: list[str]) -> _Decoder:
-        if src is None:
-            return cls(None)
-        if not isinstance(src, (str, os.PathLike)):
-            return cls(src)
-        try:
-            from transformers import AutoTokenizer
-
-            return cls(AutoTokenizer.from_pretrained(src))
-        except (OSError, ValueError) as e:
-            warnings.append(f"cannot load the tokenizer at {src} ({e}); tokens are shown as IDs")
-            return cls(None)
 
     def text(self, ids: np.ndarray) -> str:
         if self.tok is None:

@@ -2,7 +2,7 @@
 
 :func:`score_sequences` is a pure function of (model, sequences, settings) → per-token
 logprobs, so a caller can shard the sequences over processes or Ray workers and concatenate
-what comes back; :mod:`replay._metrics` works on the concatenated arrays.
+what comes back; :func:`trainer_bridge.grouped_mismatch_metrics` works on the concatenated arrays.
 
 Throughput comes from three things: sequences are packed into rows of up to ``token_budget``
 tokens with no padding (first-fit-decreasing bins, so rows are full); attention runs per

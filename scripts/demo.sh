@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole local loop on the embedded default model (CPU, no GPU, nothing downloaded):
-# serve SmolLM2-135M on-policy -> record a built-in multi-step environment -> inspect -> export.
+# serve SmolLM2-135M on-policy -> record a built-in multi-step environment -> compact -> inspect -> export.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-out/demo}
@@ -36,19 +36,23 @@ echo "== 2. gymtape record: the built-in multi-step 'calculator' environment (to
 echo "== 3. stop the server (it closes its tape writer)"
 kill -TERM "$SERVER"; wait "$SERVER" || true; trap - EXIT
 
-echo "== 4. gymtape inspect"
+echo "== 4. gymtape compact: merge the small shards the server flushed every few seconds into one per table"
+"$BIN/gymtape" compact "$OUT/tape"
+
+echo "== 5. gymtape inspect (tape bytes against the same rollouts as Gym JSONL)"
 "$BIN/gymtape" inspect "$OUT/tape"
 
-echo "== 5. gymtape replay: re-score every generated token with the trainer-side model (did the trainer see what the sampler saw?)"
+echo "== 6. gymtape replay: re-score every generated token with the trainer-side model (did the trainer see what the sampler saw?)"
 "$BIN/gymtape" replay "$OUT/tape" --html "$OUT/replay.html" --top 3
 
-echo "== 6. gymtape export: the same rollouts as NeMo Gym rollout JSONL"
+echo "== 7. gymtape export: the same rollouts as NeMo Gym rollout JSONL"
 "$BIN/gymtape" export "$OUT/tape" --format gym-jsonl -o "$OUT/rollouts.jsonl"
 
 cat <<EOF_NEXT
 
 Next:
   * the tape is plain Parquet:  $BIN/python -c "import polars as pl; print(pl.scan_parquet('$OUT/tape/calls/*.parquet').select('rollout_id','call_index','prompt_len','policy_version').collect())"
+  * publish it for another machine: $BIN/gymtape compact $OUT/tape --to s3://bucket/run1   (then replay s3://bucket/run1)
   * point NeMo Gym at it:        $BIN/gymtape serve --tape runs/tape   (Gym: --model-url http://127.0.0.1:8000/v1)
   * open $OUT/replay.html (one self-contained page: tokens coloured by |Δlogprob|)
   * run the reference GRPO loop: $BIN/gymtape train --out runs/train-plus --env plus   (docs/trainer-bridge.md)

@@ -45,11 +45,14 @@ class Server:
         return stop_process_group(self.proc, timeout)
 
 
-def start(args: list[str], log: Path, port: int, env: dict[str, str] | None = None, timeout: float = 300) -> Server:
+def start(args: list[str], log: Path, port: int, env: dict[str, str | None] | None = None, timeout: float = 300,
+          cwd: Path = ROOT) -> Server:
+    """``env`` adds to this process's environment; a value of None removes that variable."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    child_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     with open(log, "wb") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
+                                env=child_env)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     server.wait_healthy(timeout)
     return server

@@ -2,11 +2,14 @@
 
 Sequences (``build_sequences``), packing (``plan_bins``/``pack``), an epoch dataset
 (``TapeDataset``), a live-tape follower (``TapeFollower``), SFT/DPO exports, policy-loss helpers
-with train-inference mismatch corrections (``policy_loss``) and a reference GRPO loop (``train``); see
+with train-inference mismatch corrections (``policy_loss``), the mismatch metrics (defined once in
+``grouped_mismatch_metrics``; replay reports them too) and a reference GRPO loop (``train``); see
 docs/trainer-bridge.md. Tapes are read through :class:`recorder.Tape`.
 """
 
+from ._errors import BridgeValueError, UnsupportedModelError
 from ._logprobs import packed_token_logprobs
+from ._mismatch import DEFAULT_IS_BOUNDS, MISMATCH_METRIC_NAMES, grouped_mismatch_metrics, token_mismatch_metrics
 from ._losses import (
     CORRECTIONS, ISCorrection, correction_weights, geometric_mask, logprobs_from_logits, masked_is_weights,
     mismatch_metrics, policy_loss, sequence_index, truncated_is_weights,
@@ -28,4 +31,6 @@ __all__: list[str] = [
     "PackedBatch", "build_sequences", "pack", "packed_token_logprobs", "plan_bins",
     "CORRECTIONS", "ISCorrection", "correction_weights", "geometric_mask", "logprobs_from_logits", "masked_is_weights",
     "mismatch_metrics", "policy_loss", "sequence_index", "truncated_is_weights",
+    "BridgeValueError", "DEFAULT_IS_BOUNDS", "MISMATCH_METRIC_NAMES", "UnsupportedModelError",
+    "grouped_mismatch_metrics", "token_mismatch_metrics",
     "TrainConfig", "TrainError", "TrainReport", "plot_curve", "train"]

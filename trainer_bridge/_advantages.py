@@ -12,6 +12,8 @@ from typing import Literal
 
 import numpy as np
 
+from ._errors import BridgeValueError
+
 Degenerate = Literal["drop", "zero", "keep"]
 DEGENERATE_CHOICES: tuple[str, ...] = ("drop", "zero", "keep")
 
@@ -46,7 +48,7 @@ def group_advantages(
         ``(advantages float32 [n], keep bool [n])``.
     """
     if degenerate not in DEGENERATE_CHOICES:
-        raise ValueError(f"degenerate must be one of {DEGENERATE_CHOICES}, got {degenerate!r}")
+        raise BridgeValueError(f"degenerate must be one of {DEGENERATE_CHOICES}, got {degenerate!r}")
     r = np.asarray(rewards, dtype=np.float64)
     if r.size == 0:
         return np.zeros(0, np.float32), np.zeros(0, bool)

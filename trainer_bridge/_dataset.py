@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from recorder import GymtapeError, Tape
 
 from ._advantages import Degenerate, group_advantages
+from ._errors import BridgeValueError
 from ._filters import ROLLOUT_META_COLUMNS, TapeFilters, effective_group_keys, estimated_tokens, first_row_per_rollout
 from ._microbatch import MicroBatch, packed_windows
 from ._packing import plan_bins
@@ -99,9 +100,10 @@ class TapeDataset(IterableDataset):
     ) -> None:
         super().__init__()
         if token_budget < 1:
-            raise ValueError(f"token_budget must be positive, got {token_budget}")
+            raise BridgeValueError(f"token_budget must be positive, got {token_budget}")
         tape = tape if isinstance(tape, Tape) else Tape(tape)
-        self.tape_path = str(tape.path)
+        self.tape_path = tape.location
+        self._storage = tape.storage  # reopened per epoch without the cache (any filesystem)
         self.token_budget = token_budget
         self.max_seqs_per_batch = max_seqs_per_batch
         self.seed = seed
@@ -114,6 +116,9 @@ class TapeDataset(IterableDataset):
 
         rollouts = first_row_per_rollout(tape.read("rollouts", ROLLOUT_META_COLUMNS))
         rollouts = rollouts.filter(pa.array(self.filters.mask(rollouts))) if rollouts.num_rows else rollouts
+        # In rollout-id order, not the order rows happen to be stored in: a compacted copy of a
+        # tape (rows rewritten in another order) gives the same epochs as the tape it came from.
+        rollouts = rollouts.take(pc.sort_indices(rollouts["rollout_id"])) if rollouts.num_rows else rollouts
         groups = effective_group_keys(rollouts) if rollouts.num_rows else pa.array([], pa.string())
         enc = pc.dictionary_encode(groups)
         # Group numbers follow the sorted key, so the unshuffled order is stable across runs.
@@ -240,7 +245,7 @@ class TapeDataset(IterableDataset):
             order = order[np.argsort(where[order], kind="stable")]
         else:
             mine = self._rollouts.take(pa.array(rows, pa.int64()))
-            calls = Tape(self.tape_path).read("calls", CALL_COLUMNS)
+            calls = Tape(self._storage).read("calls", CALL_COLUMNS)
             if mine.num_rows != self._rollouts.num_rows:
                 calls = calls.filter(pc.is_in(calls["rollout_id"], value_set=mine["rollout_id"].combine_chunks()))
             plan = plan_sequences(calls, mine, include_open=False) if mine.num_rows else None
@@ -309,7 +314,7 @@ class TapeLoader:
 
     def __init__(self, dataset: TapeDataset, **dataloader_kwargs: Any) -> None:
         if dataloader_kwargs.get("persistent_workers"):
-            raise ValueError("persistent_workers would keep an old epoch's plan in the workers; leave it off")
+            raise BridgeValueError("persistent_workers would keep an old epoch's plan in the workers; leave it off")
         dataloader_kwargs.setdefault("batch_size", None)
         self.dataset = dataset
         self.kwargs = dataloader_kwargs

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recorder import GymtapeError, Tape, TokenizerMismatchError, atomic_file, tokenizer_identity
+from recorder import GymtapeError, Tape, atomic_file, resolve_tokenizer
 
 from ._filters import TapeFilters
 from ._sequences import build_sequences
@@ -54,10 +54,13 @@ class ExportReport:
     rows: int = 0
     rollouts_considered: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    #: What the tokenizer policy had to say (an allowed mismatch, an identity not compared).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "out": self.out, "rows": self.rows,
-                "rollouts_considered": self.rollouts_considered, "skipped": dict(self.skipped)}
+                "rollouts_considered": self.rollouts_considered, "skipped": dict(self.skipped),
+                "warnings": list(self.warnings)}
 
 
 SFT_SCHEMA = pa.schema([
@@ -95,25 +98,29 @@ def export_sft(
     min_reward: float | None = 1.0,
     filters: TapeFilters | None = None,
     tokenizer: Any = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> ExportReport:
     """Write reward-filtered training sequences as SFT Parquet (:data:`SFT_SCHEMA`).
 
     Args:
         min_reward: keep rollouts with ``reward >= min_reward`` (None: every rollout the filters keep).
         filters: rollout selection (default: status ok, reward present).
-        tokenizer: a transformers tokenizer or its directory, to add ``prompt``/``completion``
-            text; None leaves the text columns null.
+        tokenizer: a transformers tokenizer, its directory, or a
+            :class:`recorder.ResolvedTokenizer`, to add ``prompt``/``completion`` text; None leaves
+            the text columns null. Held to the tape's identity by :func:`recorder.resolve_tokenizer`.
+        allow_tokenizer_mismatch: decode with a tokenizer whose identity differs from the tape's
+            (a warning in the report) instead of raising :class:`recorder.TokenizerMismatchError`.
     """
     tape = tape if isinstance(tape, Tape) else Tape(tape)
     report = ExportReport("sft", str(out))
+    tok = _tokenizer(tokenizer, tape, allow_tokenizer_mismatch, report)
     seqs, report.rollouts_considered, report.skipped = _selected_sequences(tape, filters)
     if min_reward is not None:
         low = pc.fill_null(pc.less(seqs["reward"], min_reward), True)
         report.skipped["reward_below_min"] = len(set(pc.filter(seqs["rollout_id"], low).to_pylist()))
         seqs = seqs.filter(pc.invert(low))
     prompt = completion = pa.nulls(seqs.num_rows, pa.string())
-    if tokenizer is not None and seqs.num_rows:
-        tok = _tokenizer(tokenizer, tape)
+    if tok is not None and seqs.num_rows:
         ids = seqs["input_ids"].to_pylist()
         cut = seqs["prompt_len"].to_pylist()
         prompt = pa.array(_decode(tok, [i[:c] for i, c in zip(ids, cut)]), pa.string())
@@ -135,6 +142,7 @@ def export_dpo(
     pairs: Pairs = "disjoint",
     filters: TapeFilters | None = None,
     tokenizer: Any = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> ExportReport:
     """Write (chosen, rejected) pairs within GRPO groups as DPO Parquet (:data:`DPO_SCHEMA`).
 
@@ -143,7 +151,8 @@ def export_dpo(
         pairs: ``"disjoint"``: each rollout in at most one pair (best with worst, second best
             with second worst, ...); ``"all"``: every pair of the group that meets the margin.
         filters: rollout selection (default: status ok, reward present).
-        tokenizer: a transformers tokenizer or its directory, for the text columns (None: null).
+        tokenizer: as for :func:`export_sft`, for the text columns (None: null).
+        allow_tokenizer_mismatch: as for :func:`export_sft`.
     """
     if pairs not in ("disjoint", "all"):
         raise ExportError(f"pairs must be 'disjoint' or 'all', got {pairs!r}")
@@ -151,6 +160,7 @@ def export_dpo(
         raise ExportError(f"margin must be >= 0, got {margin}")
     tape = tape if isinstance(tape, Tape) else Tape(tape)
     report = ExportReport("dpo", str(out))
+    tok = _tokenizer(tokenizer, tape, allow_tokenizer_mismatch, report)
     seqs, report.rollouts_considered, report.skipped = _selected_sequences(tape, filters)
     first = seqs.filter(pc.and_(pc.equal(seqs["segment"], 0), pc.greater(seqs["num_generated"], 0)))
     ids = first["input_ids"].to_pylist()
@@ -179,8 +189,7 @@ def export_dpo(
             rows["rejected_rollout_id"].append(rj[1])
     report.skipped["unpaired"] = unpaired
     n = len(rows["group_key"])
-    if tokenizer is not None and n:
-        tok = _tokenizer(tokenizer, tape)
+    if tok is not None and n:
         rows["prompt"] = _decode(tok, [p.tolist() for p in rows["prompt_input_ids"]])
         rows["chosen"] = _decode(tok, [p.tolist() for p in rows["chosen_input_ids"]])
         rows["rejected"] = _decode(tok, [p.tolist() for p in rows["rejected_input_ids"]])
@@ -239,24 +248,13 @@ def _list_array(values: list[np.ndarray]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
 
 
-def _tokenizer(tokenizer: Any, tape: Tape) -> Any:
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    path = Path(tokenizer)
-    expected = tape.meta.tokenizer
-    if expected is not None:
-        got = tokenizer_identity(path)
-        if got.sha256 != expected.sha256:
-            raise TokenizerMismatchError(
-                f"the tape was recorded with tokenizer {expected.name} ({expected.sha256[:12]}), but {path} is "
-                f"{got.name} ({got.sha256[:12]}); pass the tape's tokenizer with --tokenizer, or --no-text"
-            )
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot load a tokenizer from {path}: {e}") from e
+def _tokenizer(tokenizer: Any, tape: Tape, allow_mismatch: bool, report: ExportReport) -> Any:
+    """The loaded tokenizer for the text columns (None: no text), resolved before any work is done."""
+    if tokenizer is None:
+        return None
+    resolved = resolve_tokenizer(tape, tokenizer, allow_mismatch=allow_mismatch)
+    report.warnings += resolved.warnings
+    return resolved.tokenizer
 
 
 def _decode(tok: Any, id_lists: list[list[int]]) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ._errors import BridgeValueError, UnsupportedModelError
 from ._packing import PackedBatch
 
 #: Name under which the per-sequence attention is registered with transformers.
@@ -89,7 +90,7 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     """The decoder body (hidden states, final norm included) and the output head of a causal LM."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        raise TypeError(f"{type(model).__name__} has no output head (get_output_embeddings() is None); "
+        raise UnsupportedModelError(f"{type(model).__name__} has no output head (get_output_embeddings() is None); "
                         "pass a causal LM such as AutoModelForCausalLM")
     body = getattr(model, "base_model", None)
     if body is None or body is model:
@@ -125,7 +126,7 @@ def packed_token_logprobs(
     within each sequence (the restarts in ``batch.position_ids`` mark the boundaries).
     """
     if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        raise BridgeValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     body, head = _decoder_and_head(model)
     device = head.weight.device
     ids = batch.input_ids.to(device)

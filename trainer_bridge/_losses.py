@@ -35,9 +35,10 @@ weight built from π_old/μ corrects the rest (the decoupled objective of Hilton
   not explode with length as R does, so its bounds are tight (default [0.99, 1.01]).
 
 Metrics over generated tokens, with ``d_t = log π_old(t) − log μ(t)`` and ``r_t = exp(d_t)``
-(the same definitions as replay's C3 report): ``kl_k1 = mean(−d)``, ``kl_k3 = mean(r − 1 − d)``
-(Schulman, "Approximating KL divergence", joschu.net/blog/kl-approx.html: unbiased, always
-≥ 0, estimates KL(μ‖π) from samples of μ), ``token_mult_prob_error = mean(exp|d|)`` (NeMo RL's
+(defined once, in :mod:`trainer_bridge._mismatch`, which replay's report uses too):
+``kl_k1 = mean(−d)``, ``kl_k3 = mean(r − 1 − d)`` (Schulman, "Approximating KL divergence",
+joschu.net/blog/kl-approx.html: unbiased, always ≥ 0, estimates KL(μ‖π) from samples of μ),
+``token_mult_prob_error = mean(exp|d|)`` (NeMo RL's
 name; 1.0 is a perfect match), ``ess = (Σr)² / (N·Σr²)`` (Kish's effective sample size share),
 IS weight mean/min/max (the weights actually applied), ``masked_frac`` (share of generated
 tokens given weight 0 by a mask) and ``clip_frac`` (share where the PPO clip was active).
@@ -49,6 +50,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from ._errors import BridgeValueError
+from ._mismatch import token_mismatch_metrics
+
+#: The mismatch metrics a training step logs (of :data:`~trainer_bridge.MISMATCH_METRIC_NAMES`).
+TRAINER_MISMATCH_METRICS: tuple[str, ...] = ("kl_k1", "kl_k3", "token_mult_prob_error", "mean_abs_dlogprob",
+                                             "max_abs_dlogprob", "ess")
 
 Correction = Literal["none", "tis", "mis-token", "mis-sequence", "geo-mask"]
 CORRECTIONS: tuple[str, ...] = ("none", "tis", "mis-token", "mis-sequence", "geo-mask")
@@ -76,12 +84,12 @@ class ISCorrection:
 
     def __post_init__(self) -> None:
         if self.kind not in CORRECTIONS:
-            raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.kind!r}")
+            raise BridgeValueError(f"correction must be one of {CORRECTIONS}, got {self.kind!r}")
         if self.cap <= 0:
-            raise ValueError(f"cap must be positive, got {self.cap}")
+            raise BridgeValueError(f"cap must be positive, got {self.cap}")
         low, high = self.bounds
         if not 0 <= low < high:
-            raise ValueError(f"need 0 <= low < high, got [{low}, {high}]")
+            raise BridgeValueError(f"need 0 <= low < high, got [{low}, {high}]")
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -99,7 +107,7 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
     the full logits at all.
     """
     if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        raise BridgeValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     shape = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
     tgt = targets.reshape(-1, 1).to(flat.device, torch.long)
@@ -141,11 +149,11 @@ def masked_is_weights(log_ratio: torch.Tensor, mask: torch.Tensor, *, low: float
         r = torch.exp(log_ratio)
     elif level == "sequence":
         if seq_index is None:
-            raise ValueError("sequence-level MIS needs seq_index (which sequence each token is in)")
+            raise BridgeValueError("sequence-level MIS needs seq_index (which sequence each token is in)")
         n = int(seq_index.max().item()) + 1 if seq_index.numel() else 0
         r = torch.exp(_per_sequence_sum(log_ratio * m, seq_index, n))[seq_index]
     else:
-        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+        raise BridgeValueError(f"level must be 'token' or 'sequence', got {level!r}")
     return torch.where((r >= low) & (r <= high), r, torch.zeros_like(r)) * m
 
 
@@ -174,7 +182,7 @@ def correction_weights(correction: ISCorrection, log_ratio: torch.Tensor, mask: 
     if correction.kind == "mis-token":
         return masked_is_weights(log_ratio, m, low=low, high=high, level="token")
     if seq_index is None:
-        raise ValueError(f"correction {correction.kind!r} works per sequence: pass seq_index")
+        raise BridgeValueError(f"correction {correction.kind!r} works per sequence: pass seq_index")
     if correction.kind == "mis-sequence":
         return masked_is_weights(log_ratio, m, low=low, high=high, level="sequence", seq_index=seq_index)
     return geometric_mask(log_ratio, m, seq_index, low=low, high=high)
@@ -182,26 +190,18 @@ def correction_weights(correction: ISCorrection, log_ratio: torch.Tensor, mask: 
 
 def mismatch_metrics(trainer_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
                      mask: torch.Tensor) -> dict[str, float | None]:
-    """Trainer-vs-sampler mismatch over masked-in tokens (C3 definitions; None when no tokens).
+    """Trainer-vs-sampler mismatch over masked-in tokens (None when no tokens): ``kl_k1``,
+    ``kl_k3``, ``token_mult_prob_error``, ``mean_abs_dlogprob``, ``max_abs_dlogprob``, ``ess``.
 
-    ``kl_k1``, ``kl_k3`` (Schulman's estimators of KL(μ‖π) with samples from μ),
-    ``token_mult_prob_error = mean(exp|d|)``, ``mean_abs_dlogprob``, ``max_abs_dlogprob``, ``ess``.
+    A torch front over :func:`~trainer_bridge.token_mismatch_metrics`, the one definition replay
+    reports too (same formulas, float64, the same saturation of overflowing values).
     """
     sel = mask.reshape(-1).to(torch.bool)
     # float64: with matched kernels d is ~1e-6, and r - 1 - d (~d²/2) vanishes in float32
-    d = (trainer_logprobs.detach().double().reshape(-1) - behaviour_logprobs.detach().double().reshape(-1))[sel]
-    if d.numel() == 0:
-        return {k: None for k in ("kl_k1", "kl_k3", "token_mult_prob_error", "mean_abs_dlogprob",
-                                  "max_abs_dlogprob", "ess")}
-    r = torch.exp(d)
-    return {
-        "kl_k1": float((-d).mean()),
-        "kl_k3": float((r - 1 - d).mean()),
-        "token_mult_prob_error": float(torch.exp(d.abs()).mean()),
-        "mean_abs_dlogprob": float(d.abs().mean()),
-        "max_abs_dlogprob": float(d.abs().max()),
-        "ess": float(r.sum() ** 2 / (d.numel() * (r * r).sum())),
-    }
+    trainer = trainer_logprobs.detach().reshape(-1)[sel].double().cpu().numpy()
+    behaviour = behaviour_logprobs.detach().reshape(-1)[sel].double().cpu().numpy()
+    m = token_mismatch_metrics(trainer, behaviour)
+    return {k: m[k] for k in TRAINER_MISMATCH_METRICS}
 
 
 def policy_loss(
@@ -256,14 +256,14 @@ def policy_loss(
         loss = per_token.sum() / denom
     elif aggregate == "seq-mean-token-mean":
         if seq is None:
-            raise ValueError("aggregate='seq-mean-token-mean' needs seq_index")
+            raise BridgeValueError("aggregate='seq-mean-token-mean' needs seq_index")
         n = int(seq.max().item()) + 1 if seq.numel() else 0
         tokens = _per_sequence_sum(m, seq, n)
         per_seq = _per_sequence_sum(per_token, seq, n) / tokens.clamp(min=1.0)
         denom = float(normalizer) if normalizer is not None else float((tokens > 0).sum().clamp(min=1))
         loss = per_seq.sum() / denom
     else:
-        raise ValueError(f"aggregate must be 'token-mean' or 'seq-mean-token-mean', got {aggregate!r}")
+        raise BridgeValueError(f"aggregate must be 'token-mean' or 'seq-mean-token-mean', got {aggregate!r}")
 
     sel = m.to(torch.bool)
     n_tok = int(sel.sum())

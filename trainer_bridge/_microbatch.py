@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import torch
 
 from ._packing import PackedBatch, pack, plan_bins
-from ._sequences import SequencePlan, _gather
+from ._runs import RunStore
+from ._sequences import SequencePlan
 
 #: Per-token arrays every micro-batch carries in ``extras`` (each ``[1, T]``).
 EXTRA_KEYS = ("loss_mask", "behaviour_logprobs", "advantages", "weights")
@@ -134,7 +135,7 @@ def packed_windows(
     """Micro-batches for ``bins`` (sequence rows of ``plan``), packed straight from the stored columns.
 
     Bins are processed in windows of about ``window_tokens`` tokens: the window's sequences are
-    gathered back to back in one pass per column (Arrow moves runs of stored tokens), and each
+    gathered back to back in one pass per column (one copy per run of stored tokens), and each
     micro-batch is a slice of the window's arrays. Equal to :meth:`SequenceArrays.micro_batch`
     on the same bins (a test holds them equal). Everything per micro-batch is a slice; the
     per-token work is per window.
@@ -166,14 +167,14 @@ def packed_windows(
         # would be page-faulted in anew for every window.
         per_token = [
             _tensor(ids),
-            _tensor(_gather(_ramp(int(lengths.max())), np.zeros(order.size, np.int64), lengths)),
+            _tensor(_ramp(int(lengths.max())).gather(np.zeros(order.size, np.int64), lengths)),
             _tensor(_repeat(is_gen.view(np.uint8), piece_len)).view(torch.bool),
             _tensor(lp),
             _tensor(_repeat(advantages[order], lengths)),
         ]
         w = weights[order]
         if (w == 1.0).all():  # the dataset's case: a broadcast view per micro-batch, no memory
-            cut_w = [ones.expand(1, n) for n in bin_tokens]
+            cut_w = torch.split(ones.expand(1, int(lengths.sum())), bin_tokens, dim=1)
         else:
             cut_w = torch.split(torch.from_numpy(np.repeat(w, lengths))[None], bin_tokens, dim=1)
         ids_t, pos_t, mask_t, lp_t, adv_t = (torch.split(v, bin_tokens, dim=1) for v in per_token)
@@ -198,6 +199,9 @@ def packed_windows(
                 rewards=rew[j], seq_advantages=adv[j], seq_weights=wts[j],
                 epoch=epoch, shard=shard, batch_index=first_index + start + j,
             )
+        # Let go of this window before gathering the next: once its micro-batches are consumed,
+        # one window's arrays are alive at a time, not two.
+        del ids, lp, per_token, ids_t, pos_t, mask_t, lp_t, adv_t, cut_w
 
 
 def _tensor(arr: pa.Array) -> torch.Tensor:
@@ -222,14 +226,14 @@ def _writable(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).copy()
 
 
-_RAMP = pa.array(np.arange(0, dtype=np.int32))
+_RAMP = RunStore([pa.array(np.arange(0, dtype=np.int32))])
 
 
-def _ramp(n: int) -> pa.Array:
-    """0, 1, 2, ... as an Arrow array of at least ``n`` values (positions are runs of it)."""
+def _ramp(n: int) -> RunStore:
+    """0, 1, 2, ... of at least ``n`` values (each sequence's positions are a run of it)."""
     global _RAMP
     if len(_RAMP) < n:
-        _RAMP = pa.array(np.arange(max(n, 2 * len(_RAMP)), dtype=np.int32))
+        _RAMP = RunStore([pa.array(np.arange(max(n, 2 * len(_RAMP)), dtype=np.int32))])
     return _RAMP
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ._errors import BridgeValueError
+
 #: Up to this many open bins, first-fit scans them in Python (per-call numpy overhead dominates).
 _PYTHON_SCAN_BINS = 64
 
@@ -33,9 +35,9 @@ def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = 
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if token_budget <= 0:
-        raise ValueError(f"token_budget must be positive, got {token_budget}")
+        raise BridgeValueError(f"token_budget must be positive, got {token_budget}")
     if max_seqs is not None and max_seqs <= 0:
-        raise ValueError(f"max_seqs must be positive, got {max_seqs}")
+        raise BridgeValueError(f"max_seqs must be positive, got {max_seqs}")
     order = np.argsort(-lengths, kind="stable")
     sizes = lengths[order].tolist()
     smallest = sizes[-1] if sizes else 0
@@ -124,10 +126,11 @@ def pack(
     ``extras[name]`` must have the same length as its sequence and is packed alongside.
     """
     if len(seqs) == 0:
-        raise ValueError("pack needs at least one sequence")
+        raise BridgeValueError("pack needs at least one sequence")
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     if (lengths == 0).any():
-        raise ValueError(f"sequence {int(np.flatnonzero(lengths == 0)[0])} is empty; drop empty sequences before packing")
+        raise BridgeValueError(f"sequence {int(np.flatnonzero(lengths == 0)[0])} is empty; "
+                               "drop empty sequences before packing")
     cu = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     total = int(cu[-1])
@@ -138,16 +141,16 @@ def pack(
     packed_extras: dict[str, torch.Tensor] = {}
     for name, arrays in (extras or {}).items():
         if len(arrays) != len(seqs):
-            raise ValueError(f"extras[{name!r}] has {len(arrays)} arrays for {len(seqs)} sequences")
+            raise BridgeValueError(f"extras[{name!r}] has {len(arrays)} arrays for {len(seqs)} sequences")
         got = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
         bad = np.flatnonzero(got != lengths)
         if bad.size:
             j = int(bad[0])
-            raise ValueError(f"extras[{name!r}][{j}] has {got[j]} values, its sequence has {lengths[j]} tokens")
+            raise BridgeValueError(f"extras[{name!r}][{j}] has {got[j]} values, its sequence has {lengths[j]} tokens")
         packed_extras[name] = torch.from_numpy(np.ascontiguousarray(np.concatenate([np.asarray(a) for a in arrays])))[None]
     idx = np.arange(len(seqs), dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
     if idx.shape != (len(seqs),):
-        raise ValueError(f"index has shape {idx.shape}, expected ({len(seqs)},)")
+        raise BridgeValueError(f"index has shape {idx.shape}, expected ({len(seqs)},)")
     return PackedBatch(
         input_ids=torch.from_numpy(ids)[None],
         position_ids=torch.from_numpy(pos)[None],

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from recorder import Tape, TapeError
 
 from ._filters import first_row_per_rollout
+from ._runs import RunStore
 
 #: Calls columns the builder reads (only these are decoded from Parquet).
 CALL_COLUMNS = [
@@ -177,8 +178,8 @@ class SequencePlan:
     piece_start: np.ndarray  # first piece of each sequence (pieces are sorted by sequence)
     piece_count: np.ndarray
     lengths: np.ndarray  # tokens per sequence
-    store_ids: pa.Array  # prompt-suffix values, then generation values (int32)
-    store_lp: pa.Array  # generation logprobs, then ``widest`` zeros (float32)
+    store_ids: RunStore  # prompt-suffix values, then generation values (int32), as read
+    store_lp: RunStore  # generation logprobs, then ``widest`` zeros (float32)
     n_suffix: int
     widest: int
     values: dict[str, pa.Array]  # per-sequence columns of SEQUENCE_SCHEMA (not the token lists)
@@ -199,8 +200,8 @@ class SequencePlan:
         rows = np.arange(total, dtype=np.int64) + np.repeat(self.piece_start[seqs] - out_start, count)
         p = self.pieces
         src, length, is_gen = p.src[rows], p.len[rows], p.kind[rows] == _GEN
-        ids = _gather(self.store_ids, src, length)
-        lp = _gather(self.store_lp, np.where(is_gen, src - self.n_suffix, len(self.store_lp) - self.widest), length)
+        ids = self.store_ids.gather(src, length)
+        lp = self.store_lp.gather(np.where(is_gen, src - self.n_suffix, len(self.store_lp) - self.widest), length)
         return ids, lp, is_gen, length
 
     def table(self) -> pa.Table:
@@ -243,6 +244,9 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
     g_start, g_len = gen[0][order], gen[1][order]
     if not np.array_equal(gen[1], glp[1]):
         raise TapeError("a call's generation_logprobs is not as long as its generation_ids; the tape is corrupt")
+    if any(v.null_count for v in (*suffix[2], *gen[2], *glp[2])):
+        raise TapeError("a call's prompt_suffix_ids, generation_ids or generation_logprobs holds a null value; "
+                        "the tape is corrupt (run `gymtape check`)")
 
     n = rid.size
     new_rollout = np.ones(n, dtype=bool)
@@ -272,8 +276,8 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
 
     # Each sequence is a run of pieces of the stored columns: per call its prompt suffix, then its
     # generation; a rewritten segment first repeats the start of the previous segment (copy
-    # pieces, resolved into pieces of the stored columns). Tokens are later moved once, by Arrow
-    # (a list-view over the stored values, flattened): no per-token index arrays.
+    # pieces, resolved into pieces of the stored columns). Tokens are later moved once, a memcpy
+    # per piece straight from the read's buffers (RunStore): no per-token index arrays.
     n_suffix_vals = sum(len(v) for v in suffix[2])
     pieces = _Pieces.own(seg_of_call, ci, s_start, s_len, g_start + n_suffix_vals, g_len)
     copy_len = np.zeros(seg_first.size, dtype=np.int64)
@@ -314,9 +318,9 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
         piece_start=piece_start,
         piece_count=piece_count,
         lengths=seg_len,
-        # The one copy of the stored tokens: every chunk's values, back to back.
-        store_ids=pa.concat_arrays([*suffix[2], *gen[2]]),
-        store_lp=pa.concat_arrays([*glp[2], pa.array(np.zeros(widest, np.float32))]),
+        # The read's own buffers: tokens are copied once, when micro-batches are packed.
+        store_ids=RunStore([*suffix[2], *gen[2]]),
+        store_lp=RunStore([*glp[2], pa.array(np.zeros(widest, np.float32))]),
         n_suffix=n_suffix_vals,
         widest=widest,
         values=values,
@@ -361,12 +365,6 @@ def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     sort = pc.sort_indices(dictionary).to_numpy()
     rank[sort] = np.arange(sort.size)
     return rank[enc.indices.to_numpy()], dictionary.take(pa.array(sort))
-
-
-def _gather(values: pa.Array, starts: np.ndarray, lengths: np.ndarray) -> pa.Array:
-    """Concatenation of ``values[s : s + n]`` for each piece: one memcpy per piece, in Arrow."""
-    view = pa.ListViewArray.from_arrays(pa.array(starts.astype(np.int32)), pa.array(lengths.astype(np.int32)), values)
-    return pc.list_flatten(view)
 
 
 def _keep_usable_calls(calls: pa.Table, rollouts: pa.Table, include_open: bool) -> pa.Table:

@@ -1,8 +1,10 @@
 """`gymtape train`: a reference GRPO loop on one machine, closing the loop through a tape.
 
-Pieces, all real: ``gymtape serve --engine hf`` (a subprocess) samples the policy and records
-every call with its policy version; the recorder API runs a built-in environment against it
-(each round: ``groups_per_step`` tasks × ``group_size`` rollouts, joined to the server's calls);
+Pieces, all real and all public: :class:`~recorder.ServeProcess` runs ``gymtape serve --engine hf``
+for a :class:`~recorder.ServeConfig` (a child process) that samples the policy and records every
+call with its policy version; :func:`recorder.record` runs a built-in environment against it
+(each round: ``groups_per_step`` tasks × ``group_size`` rollouts, each with its own sampling
+seed, joined to the server's calls);
 a :class:`~trainer_bridge.TapeFollower` tails the tape and hands over complete groups with GRPO
 advantages once they are within ``max_staleness`` versions of the trainer; the trainer scores
 them with :func:`~trainer_bridge.packed_token_logprobs` under autograd, takes one AdamW step on
@@ -22,21 +24,17 @@ logs those calls in ``OUT/tape`` as calls without a rollout row, which the follo
 
 Outputs in ``OUT``: ``tape/``, ``validation/``, ``weights/step-N/`` (the latest ``keep_checkpoints``),
 ``metrics.jsonl`` (one row per step, step 0 = the base model's validation), ``curve.png``,
-``serve.log``, ``config.json``.
+``serve.log`` and ``serve.json`` (the server's log and config), ``config.json``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import math
-import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -45,12 +43,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import orjson
 
-from recorder import GymtapeError
-from recorder import log_tail, stop_process_group, wait_healthy, write_bytes_atomic
+from recorder import GymtapeError, ServeConfig, ServeProcess
 
 from ._losses import CORRECTIONS, ISCorrection, policy_loss, sequence_index
 
@@ -65,7 +61,7 @@ class TrainConfig:
 
     #: Run directory (created; must not hold an earlier run's metrics.jsonl).
     out: Path
-    #: Built-in environment (recorder._envs) to train on.
+    #: Built-in environment (``recorder.BUILTIN_ENVS``) to train on.
     env: str = "plus"
     #: Initial checkpoint (default: the embedded SmolLM2-135M-Instruct).
     model: str | None = None
@@ -127,6 +123,10 @@ class TrainConfig:
 
         if self.env not in BUILTIN_ENVS:
             raise TrainError(f"no built-in environment {self.env!r}; built-in: {', '.join(BUILTIN_ENVS)}")
+        num_tasks = _count_tasks(BUILTIN_ENVS[self.env].tasks_path("train"))
+        if self.groups_per_step > num_tasks:  # a round holds each task once
+            raise TrainError(f"groups_per_step={self.groups_per_step} but the {self.env} training split has "
+                             f"{num_tasks} tasks; lower --groups-per-step")
         positive = {"steps": self.steps, "groups_per_step": self.groups_per_step, "max_tokens": self.max_tokens,
                     "val_tasks": self.val_tasks, "token_budget": self.token_budget, "concurrency": self.concurrency,
                     "keep_checkpoints": self.keep_checkpoints}
@@ -185,61 +185,23 @@ class TrainReport:
 # ----------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _ServeProcess:
-    """`gymtape serve --engine hf` as a child process; ready when its /health answers."""
-
-    def __init__(self, model_dir: str, tape: Path, log: Path, *, port: int, dtype: str, max_batch_size: int,
-                 threads: int | None = None) -> None:
-        self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        args = [sys.executable, "-m", "cli", "serve", "--engine", "hf", "--model", model_dir, "--tape", str(tape),
-                "--port", str(self.port), "--dtype", dtype, "--max-batch-size", str(max_batch_size),
-                "--flush-seconds", "0.2"]  # the follower waits for the calls: write them promptly
-        root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op pool in the server
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-
-    def log_tail(self, n: int = 3000) -> str:
-        return log_tail(self.log, n)
-
-    def wait_ready(self, timeout: float) -> None:
-        def fail(reason: str) -> TrainError:
-            self.stop()
-            return TrainError(f"gymtape serve {reason}; its log ({self.log}):\n{self.log_tail()}")
-
-        wait_healthy(self.proc, self.url, timeout, fail=fail)
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise TrainError(f"gymtape serve died (exit {self.proc.returncode}); log ({self.log}):\n{self.log_tail()}")
-
-    def load_weights(self, path: Path) -> int:
-        self.check_alive()
-        r = httpx.post(f"{self.url}/admin/weights", json={"path": str(path)}, timeout=600)
-        if r.status_code != 200:
-            raise TrainError(f"/admin/weights answered {r.status_code}: {r.text[:500]}")
-        return int(r.json()["policy_version"])
-
-    def stop(self, timeout: float = 60) -> None:
-        stop_process_group(self.proc, timeout)
+def _serve_config(cfg: TrainConfig, model_dir: str, tape: Path) -> ServeConfig:
+    """The sampling server's settings: the hf engine on the initial checkpoint, recording to ``tape``."""
+    return ServeConfig(engine="hf", model=model_dir, tape=tape, port=cfg.port, dtype=cfg.serve_dtype,
+                       max_batch_size=max(16, min(cfg.concurrency, 64)),
+                       flush_seconds=0.2)  # the follower waits for the calls: write them promptly
 
 
 # ----------------------------------------------------------------------------- collection
 
 
-def _seed(*parts: object) -> int:
-    """A per-request sampling seed: every rollout of a run is reproducible, and distinct."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+def _count_tasks(path: Path) -> int:
+    return sum(1 for line in path.read_bytes().splitlines() if line.strip())
+
+
+def _round_seed(seed: int, r: int) -> int:
+    """Round r's seed (EnvConfig.seed): the recorder derives a distinct one per rollout from it."""
+    return int.from_bytes(hashlib.blake2b(repr((seed, r)).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
 class _Collector:
@@ -250,15 +212,12 @@ class _Collector:
     """
 
     def __init__(self, cfg: TrainConfig, tape: Path, model_url: str) -> None:
-        from recorder import EnvConfig, builtin_env
+        from recorder import builtin_env
 
         self.cfg = cfg
         self.tape = tape
         self.model_url = model_url
-        env = builtin_env(cfg.env)
-        self.tasks = [orjson.loads(x) for x in env.tasks_path("train").read_bytes().splitlines() if x.strip()]
-        self.base_env = EnvConfig(name=cfg.env, builtin=cfg.env, model_url=model_url, repeats=cfg.group_size,
-                                  sampling={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens})
+        self.num_tasks = _count_tasks(builtin_env(cfg.env).tasks_path("train"))
         self.order: list[int] = []
         self.rng = random.Random(cfg.seed)
         self.cond = threading.Condition()
@@ -269,26 +228,26 @@ class _Collector:
         self.thread: threading.Thread | None = None
 
     def _round_tasks(self) -> list[int]:
-        picked = []
+        """The next ``groups_per_step`` tasks of a fresh shuffle of the training split each epoch;
+        a round never holds a task twice (one group per task), also across an epoch's end."""
+        picked: list[int] = []
         while len(picked) < self.cfg.groups_per_step:
-            if not self.order:  # a fresh shuffle of the training split each epoch
-                self.order = list(range(len(self.tasks)))
+            if not self.order:
+                self.order = list(range(self.num_tasks))
                 self.rng.shuffle(self.order)
+                # tasks this round already holds go first in the list: popped last, in a later round
+                self.order.sort(key=lambda t: t not in picked)
             picked.append(self.order.pop())
         return picked
 
     def collect_round(self, r: int) -> dict[str, Any]:
-        from recorder import EnvConfig, RecordConfig, Recorder, WorkItem
+        from recorder import EnvConfig, RecordConfig, record
 
-        items = []
-        for ti in self._round_tasks():
-            for rep in range(self.cfg.group_size):
-                env = EnvConfig(**{**asdict(self.base_env),
-                                   "sampling": {**self.base_env.sampling, "seed": _seed(self.cfg.seed, r, ti, rep)}})
-                items.append(WorkItem(env, ti, rep, self.tasks[ti]))
-        config = RecordConfig(tape=self.tape, envs=[self.base_env], concurrency=self.cfg.concurrency, retries=1)
+        env = EnvConfig(name=self.cfg.env, builtin=self.cfg.env, model_url=self.model_url, repeats=self.cfg.group_size,
+                        task_indices=self._round_tasks(), seed=_round_seed(self.cfg.seed, r),
+                        sampling={"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens})
         t0 = time.perf_counter()
-        report = asyncio.run(Recorder(config).run(items))
+        report = record(RecordConfig(tape=self.tape, envs=[env], concurrency=self.cfg.concurrency, retries=1))
         return {"round": r, "rollouts": report.done, "failed": report.failed, "truncated": report.truncated,
                 "reward_mean": report.reward_sum / max(1, report.done), "tokens": report.tokens,
                 "collect_s": time.perf_counter() - t0}
@@ -341,11 +300,8 @@ def _validate(cfg: TrainConfig, tape: Path, model_url: str) -> dict[str, Any]:
     sampled ones at the training temperature); a failed rollout scores 0."""
     from recorder import EnvConfig, RecordConfig, builtin_env, record
 
-    # The first val_tasks validation tasks, as their own task file (record's --limit counts rollouts).
-    tasks = cfg.out / "validation_tasks.jsonl"
-    if not tasks.exists():
-        lines = builtin_env(cfg.env).tasks_path("validation").read_bytes().splitlines(keepends=True)
-        write_bytes_atomic(tasks, b"".join(lines[: cfg.val_tasks]))
+    tasks = builtin_env(cfg.env).tasks_path("validation")
+    first = list(range(min(cfg.val_tasks, _count_tasks(tasks))))  # the first val_tasks validation tasks
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     runs = [("val_reward", 1, {"temperature": 0.0, "max_tokens": cfg.max_tokens})]
@@ -354,7 +310,7 @@ def _validate(cfg: TrainConfig, tape: Path, model_url: str) -> dict[str, Any]:
                                                               "max_tokens": cfg.max_tokens}))
     for key, repeats, sampling in runs:
         env = EnvConfig(name=f"{cfg.env}-validation", builtin=cfg.env, model_url=model_url, tasks=tasks,
-                        repeats=repeats, sampling=sampling)
+                        task_indices=first, repeats=repeats, sampling=sampling)
         report = record(RecordConfig(tape=tape, envs=[env], concurrency=cfg.concurrency, retries=1))
         out[key] = report.reward_sum / max(1, report.done)
         out["val_failed"] = out.get("val_failed", 0) + report.failed
@@ -472,8 +428,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     # anywhere, a collector's stop included): the server this loop starts must not outlive it.
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(_exit_on_sigterm())
-        server = _ServeProcess(model_dir, tape, out / "serve.log", port=cfg.port, dtype=cfg.serve_dtype,
-                               max_batch_size=max(16, min(cfg.concurrency, 64)), threads=cfg.serve_threads)
+        # OMP_NUM_THREADS: torch's intra-op pool in the server
+        server = ServeProcess(_serve_config(cfg, model_dir, tape), log=out / "serve.log",
+                              env={"OMP_NUM_THREADS": str(cfg.serve_threads)} if cfg.serve_threads else None)
         cleanup.callback(server.stop)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -541,7 +498,7 @@ def _exit_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _next_batch(follower: Any, version: int, cfg: TrainConfig, collector: _Collector, server: _ServeProcess) -> Any:
+def _next_batch(follower: Any, version: int, cfg: TrainConfig, collector: _Collector, server: ServeProcess) -> Any:
     """The follower's next batch, checking the collector and server while waiting."""
     from ._follower import FollowerTimeout
 

@@ -17,6 +17,7 @@ is the calls' token IDs (docs/record.md).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 import uuid
@@ -29,17 +30,14 @@ import httpx
 import orjson
 
 from ._envs import BuiltinEnv, builtin_env
-from .._errors import GymtapeError
+from .._errors import RecordConfigError
 from ._gym import line_to_records
 from ..tape._reader import Tape
 from ..tape._records import RolloutRecord
+from ..tape._storage import require_posix
 from ..tape._writer import TapeWriter
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
-
-
-class RecordConfigError(GymtapeError):
-    """A record configuration (YAML or flags) is invalid."""
 
 
 @dataclass(kw_only=True)
@@ -61,10 +59,17 @@ class EnvConfig:
     model: str = "default"
     #: gymtape serve to join rollouts with (its /gymtape/lookup); default: model_url for built-in envs.
     server_url: str | None = None
-    #: Sampling overrides: temperature, top_p, max_tokens, seed.
+    #: Sampling overrides: temperature, top_p, max_tokens, seed (one seed for every request).
     sampling: dict[str, Any] = field(default_factory=dict)
     #: Share of this env in the interleaved work order (and under --limit).
     weight: float = 1.0
+    #: Which tasks of the task file (0-based line numbers of its task lines, in this order);
+    #: None: all of them. Each is run ``repeats`` times.
+    task_indices: list[int] | None = None
+    #: Seeds sampling per rollout: each (task, repeat) is sampled with its own seed derived from
+    #: this one and the env name (:func:`rollout_seed`), so a re-run samples the same rollouts
+    #: and no two rollouts of a run share a seed. None: the engine's own randomness.
+    seed: int | None = None
 
     def validate(self) -> None:
         if (self.agent_url is None) == (self.builtin is None):
@@ -84,6 +89,19 @@ class EnvConfig:
         unknown = set(self.sampling) - {"temperature", "top_p", "max_tokens", "seed"}
         if unknown:
             raise RecordConfigError(f"env {self.name}: unknown sampling keys {sorted(unknown)}")
+        if self.seed is not None and "seed" in self.sampling:
+            raise RecordConfigError(f"env {self.name}: give seed (one per rollout) or sampling.seed (the same for "
+                                    "every request), not both")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RecordConfigError(f"env {self.name}: seed must be an integer, got {self.seed!r}")
+        if self.task_indices is not None:
+            bad = [i for i in self.task_indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad:
+                raise RecordConfigError(f"env {self.name}: task_indices must be integers >= 0, got {bad}")
+            twice = sorted({i for i in self.task_indices if self.task_indices.count(i) > 1})
+            if twice:
+                raise RecordConfigError(f"env {self.name}: task_indices lists {twice} more than once; "
+                                        "to run a task more often, raise repeats")
 
 
 @dataclass(kw_only=True)
@@ -100,6 +118,10 @@ class RecordConfig:
     #: Stop after this many rollouts (in the weighted, interleaved order).
     limit: int | None = None
 
+    def __post_init__(self) -> None:
+        # Live capture needs rename and fsync: a POSIX folder, never a URL (StorageError says so).
+        self.tape = require_posix(self.tape, "gymtape record --tape")
+
 
 def load_config(path: Path, *, tape: Path | None = None, select: list[str] | None = None) -> RecordConfig:
     """Read a run YAML: `tape`, `concurrency`, ..., and `environments:` (a list of EnvConfig fields)."""
@@ -112,7 +134,7 @@ def load_config(path: Path, *, tape: Path | None = None, select: list[str] | Non
     if not isinstance(data, dict) or not isinstance(data.get("environments"), list):
         raise RecordConfigError(f"{path}: expected a mapping with an `environments:` list")
     base = path.parent
-    defaults = {k: data[k] for k in ("model_url", "model", "server_url") if k in data}
+    defaults = {k: data[k] for k in ("model_url", "model", "server_url", "seed") if k in data}
     envs = []
     for i, e in enumerate(data["environments"]):
         if not isinstance(e, dict) or "name" not in e:
@@ -165,6 +187,15 @@ class WorkItem:
     task_index: int
     repeat: int
     task: dict[str, Any]
+    #: The rollout's sampling seed (EnvConfig.seed), or None.
+    seed: int | None = None
+
+
+def rollout_seed(seed: int, env: str, task_index: int, repeat: int) -> int:
+    """The sampling seed of one rollout: a hash of the run's seed, env, task and repeat, so every
+    rollout is reproducible and no two share a seed (31 bits: what every engine accepts)."""
+    key = f"{seed}\0{env}\0{task_index}\0{repeat}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
 class _Transient(Exception):
@@ -180,10 +211,16 @@ def work_items(envs: list[EnvConfig]) -> list[WorkItem]:
     keyed = []
     for env in envs:
         lines = [orjson.loads(x) for x in Path(env.tasks).read_bytes().splitlines() if x.strip()]  # type: ignore[arg-type]
+        indices = list(range(len(lines))) if env.task_indices is None else env.task_indices
+        outside = [i for i in indices if i >= len(lines)]
+        if outside:
+            raise RecordConfigError(f"env {env.name}: task_indices {outside} are out of range: {env.tasks} has "
+                                    f"{len(lines)} tasks (0..{len(lines) - 1})")
         k = 0
         for repeat in range(env.repeats):
-            for ti, task in enumerate(lines):
-                keyed.append(((k + 0.5) / env.weight, env.name, WorkItem(env, ti, repeat, task)))
+            for ti in indices:
+                seed = None if env.seed is None else rollout_seed(env.seed, env.name, ti, repeat)
+                keyed.append(((k + 0.5) / env.weight, env.name, WorkItem(env, ti, repeat, lines[ti], seed)))
                 k += 1
     keyed.sort(key=lambda x: (x[0], x[1]))
     return [x[2] for x in keyed]
@@ -235,8 +272,11 @@ def _token_fields(resp: dict[str, Any], choice: dict[str, Any], msg: dict[str, A
 
 
 async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig, task: dict[str, Any],
-                      task_index: int, repeat: int) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
-    """One episode of Gym's simple-agent loop against a chat endpoint; returns (Gym line, join info per call)."""
+                      task_index: int, repeat: int, *, seed: int | None = None
+                      ) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
+    """One episode of Gym's simple-agent loop against a chat endpoint; returns (Gym line, join info per call).
+    ``seed`` seeds the first call; each later call gets its own seed derived from it (the same
+    seed on every turn would draw the same random numbers each turn)."""
     rcp = task.get("responses_create_params") or {}
     messages: list[dict[str, Any]] = [
         {"role": m.get("role", "user"), "content": m.get("content")} for m in rcp.get("input", []) if isinstance(m, dict)
@@ -251,6 +291,8 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
     for step in range(env.max_steps):
         body = {"model": cfg.model, "messages": messages, **params, "logprobs": True, "top_logprobs": 0,
                 "return_tokens_as_token_ids": True, "return_token_ids": True}
+        if seed is not None:
+            body["seed"] = seed if step == 0 else rollout_seed(seed, "call", step, 0)
         if tools:
             body["tools"] = tools
         resp = await _post(client, f"{cfg.model_url.rstrip('/')}/chat/completions", body)  # type: ignore[union-attr]
@@ -312,12 +354,14 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
 
 
 async def run_agent(client: httpx.AsyncClient, cfg: EnvConfig, task: dict[str, Any], task_index: int,
-                    repeat: int) -> dict[str, Any]:
+                    repeat: int, *, seed: int | None = None) -> dict[str, Any]:
     """One rollout from a Gym agent server's /run (the verifier's answer is a rollout line)."""
     body = dict(task)
     rcp = dict(body.get("responses_create_params") or {})
     for k, v in cfg.sampling.items():
         rcp["max_output_tokens" if k == "max_tokens" else k] = v
+    if seed is not None:
+        rcp["seed"] = seed
     body["responses_create_params"] = rcp
     line = await _post(client, f"{cfg.agent_url.rstrip('/')}/run", body)  # type: ignore[union-attr]
     if not isinstance(line, dict) or "response" not in line:
@@ -430,11 +474,12 @@ class Recorder:
         server = env.server_url or (env.model_url if env.builtin is not None else None)
         join = await self._records_here(client, server)
         if env.builtin is not None:
-            line, joins = await run_builtin(client, builtin_env(env.builtin), env, item.task, item.task_index, item.repeat)
+            line, joins = await run_builtin(client, builtin_env(env.builtin), env, item.task, item.task_index, item.repeat,
+                                            seed=item.seed)
             if join and any(j is None for j in joins):
                 joins = await _lookup(client, server, line)  # type: ignore[arg-type]
         else:
-            line = await run_agent(client, env, item.task, item.task_index, item.repeat)
+            line = await run_agent(client, env, item.task, item.task_index, item.repeat, seed=item.seed)
             joins = await _lookup(client, server, line) if join else []  # type: ignore[arg-type]
         return line, joins if join else []
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._data import env_tasks_path
+from .._errors import RecordConfigError, UnknownEnvError
 
 SPLITS = ("train", "validation")
 _INT = re.compile(r"-?\d+")
@@ -91,7 +92,7 @@ class BuiltinEnv:
 
     def tasks_path(self, split: str = "train") -> Path:
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise RecordConfigError(f"split must be one of {SPLITS}, got {split!r}")
         return env_tasks_path(self.name, split)
 
     def call_tool(self, name: str, args: dict[str, Any], task: dict[str, Any]) -> str:
@@ -159,7 +160,7 @@ def builtin_env(name: str) -> BuiltinEnv:
     try:
         return BUILTIN_ENVS[name]
     except KeyError:
-        raise KeyError(f"no built-in environment {name!r}; built-in: {', '.join(BUILTIN_ENVS)}") from None
+        raise UnknownEnvError(f"no built-in environment {name!r}; built-in: {', '.join(BUILTIN_ENVS)}") from None
 
 
 def make_tasks(env: BuiltinEnv, split: str, n: int) -> list[dict[str, Any]]:

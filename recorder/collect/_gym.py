@@ -17,14 +17,15 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import orjson
 
 from .._errors import GymFormatError
+from ..tape._layout import META_FILE
 from ..tape._reader import Tape
+from ..tape._storage import TapeStorage
 from ..tape._records import CallRecord, RolloutRecord
 from ..tape._writer import TapeWriter
 
@@ -207,12 +208,12 @@ def ingest_gym_jsonl(
     :class:`GymFormatError` with ``strict=True``.
     """
     report = IngestReport()
-    tape_path = Path(tape)
+    storage = writer.storage if writer is not None else TapeStorage(tape)  # a local folder or a URL
     existing: set[str] = set()
-    if (tape_path / "tape.json").exists():
-        existing = set(Tape(tape_path).read("rollouts", ["rollout_id"]).column("rollout_id").to_pylist())
+    if storage.exists(META_FILE):
+        existing = set(Tape(storage).read("rollouts", ["rollout_id"]).column("rollout_id").to_pylist())
     own = writer is None
-    w = writer or TapeWriter(tape_path, created_by="gymtape ingest", flush_seconds=None)
+    w = writer or TapeWriter(storage, created_by="gymtape ingest", flush_seconds=None)
     try:
         for path in paths:
             src = str(path)

@@ -1,15 +1,28 @@
 """`gymtape serve`'s settings, importable without the server (FastAPI, transformers).
 
 A program that starts a server as a child process (``gymtape train``, tests) builds one of
-these and hands it to :class:`~recorder.ServeProcess`; `gymtape serve`'s flags map onto the
-fields one to one.
+these and hands it to :class:`~recorder.ServeProcess`, which passes it to the child as a
+file (``to_dict`` / ``from_file``), so every field reaches the server as it was set.
+`gymtape serve`'s flags map onto the fields one to one (tests/test_config_flags.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+import types
+import typing
 from typing import Any
+
+from .._errors import GymtapeError
+from ..tape._storage import require_posix
+
+#: What ``to_dict`` writes for a set api_key: a saved config never holds the secret.
+MASKED = "***"
+
+
+class ServeConfigError(GymtapeError):
+    """A serve config file (``gymtape serve --config``) cannot be used."""
 
 
 @dataclass(kw_only=True)
@@ -59,7 +72,69 @@ class ServeConfig:
     vllm_log: str | None = None
     vllm_args: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        # Live capture needs rename and fsync: a POSIX folder, never a URL (StorageError says so).
+        if self.tape is not None:
+            self.tape = require_posix(self.tape, "gymtape serve --tape")
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; a set api_key is masked (pass the key in ``GYMTAPE_API_KEY``)."""
         d = asdict(self)
-        d["api_key"] = "***" if self.api_key else None
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+        d["api_key"] = MASKED if self.api_key else None
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "serve config") -> ServeConfig:
+        """The inverse of ``to_dict``; unknown keys and a masked api_key are errors."""
+        if not isinstance(data, dict):
+            raise ServeConfigError(f"{source}: expected a mapping of ServeConfig fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ServeConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+                                   f"known: {', '.join(sorted(known))}")
+        if data.get("api_key") == MASKED:
+            raise ServeConfigError(f"{source}: api_key is masked ({MASKED!r}); give the key in "
+                                   "GYMTAPE_API_KEY or --api-key, or leave api_key out")
+        hints = typing.get_type_hints(cls)
+        d = dict(data)
+        for name, value in data.items():
+            if value is None:
+                continue
+            hint = hints[name]
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            allowed = [t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)]
+            if Path in allowed and isinstance(value, str):
+                d[name] = Path(value)
+            elif any(typing.get_origin(t) is tuple for t in allowed):
+                if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
+                    raise ServeConfigError(f"{source}: {name} must be a list of strings, got {value!r}")
+                d[name] = tuple(value)
+            elif not any(_fits(value, t) for t in allowed):
+                want = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+                raise ServeConfigError(f"{source}: {name} must be {want}, got {value!r}")
+            elif float in allowed:
+                d[name] = float(value)
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ServeConfig:
+        """A JSON (or YAML) file of ServeConfig fields, e.g. one written by :class:`~recorder.ServeProcess`."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ServeConfigError(f"serve config {path} cannot be read: {e}") from e
+        except yaml.YAMLError as e:
+            raise ServeConfigError(f"serve config {path} is not valid JSON or YAML: {e}") from e
+        return cls.from_dict(data or {}, source=str(path))
+
+
+def _fits(value: Any, t: Any) -> bool:
+    """Whether a JSON value fits a scalar field type (an int fits a float field; a bool fits only bool)."""
+    if isinstance(value, bool):
+        return t is bool
+    if t is float:
+        return isinstance(value, (int, float))
+    return isinstance(t, type) and isinstance(value, t)

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from ._config import ServeConfigError
 from ._openai import TOKEN_FIELDS, APIError
 from ._splice import SpliceError, splice_prefix
 
@@ -36,11 +37,11 @@ class PromptBuilder:
             p = Path(chat_template)
             tokenizer.chat_template = p.read_text() if p.exists() else str(chat_template)
         if not tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat template; pass --chat-template")
+            raise ServeConfigError("the tokenizer has no chat template; pass --chat-template")
         eos = eos_token or tokenizer.eos_token
         self.eos_token_id: int = tokenizer.convert_tokens_to_ids(eos)
         if self.eos_token_id is None or self.eos_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"end-of-turn token {eos!r} is not in the vocabulary; pass --eos-token")
+            raise ServeConfigError(f"end-of-turn token {eos!r} is not in the vocabulary; pass --eos-token")
         self.vocab_size = len(tokenizer)
         self._developer_ok = "developer" in tokenizer.chat_template
 

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ._call_log import CallLog
-from ._config import ServeConfig
+from ._config import ServeConfig, ServeConfigError
 from .engines._protocol import Engine, EngineError
 from ..tape._storage import write_bytes_atomic
 from ..tape._layout import RUNS_DIR
@@ -228,9 +228,9 @@ def build_engine(config: ServeConfig) -> tuple[Engine, str, Any]:
         if tok is None and config.model is None:
             tok = str(default_model_dir())
         if tok is None:
-            raise APIError("--engine vllm --upstream needs --tokenizer DIR (the served model's tokenizer)")
+            raise ServeConfigError("--engine vllm --upstream needs --tokenizer DIR (the served model's tokenizer)")
         return engine, tok, proc
-    raise ValueError(f"engine must be hf or vllm, got {config.engine!r}")
+    raise ServeConfigError(f"engine must be hf or vllm, got {config.engine!r}")
 
 
 def _free_port() -> int:

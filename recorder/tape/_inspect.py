@@ -9,15 +9,28 @@ import polars as pl
 
 from ._layout import CALLS_DIR, META_FILE, ROLLOUTS_DIR
 from ._reader import Tape
+from ._shards import READ_ATTEMPTS
 
 
 def summarize(tape: Tape, *, jsonl_size: Callable[[Tape], int] | None = None,
               max_groups: int | None = None) -> dict[str, Any]:
     """Counts, token totals, storage, reward by group, statuses, policy versions and shards.
 
+    ``tape_bytes`` counts ``tape.json`` and the live shards (what a reader reads); shards a
+    compacted shard replaces, awaiting deletion, are counted apart (``superseded``).
     ``jsonl_size`` sizes the same rollouts in another format (``recorder.gym_jsonl_size``: Gym
     rollout JSONL); the summary then holds ``gym_jsonl_bytes`` and ``compression_ratio``.
     """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return _summarize(tape, jsonl_size, max_groups)
+        except FileNotFoundError:  # a compactor deleted a shard between listing and reading: again
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _summarize(tape: Tape, jsonl_size: Callable[[Tape], int] | None, max_groups: int | None) -> dict[str, Any]:
     calls = tape.calls()
     rollouts = tape.rollouts()
     c = calls.select(
@@ -50,12 +63,13 @@ def summarize(tape: Tape, *, jsonl_size: Callable[[Tape], int] | None = None,
         .sort("group_key", nulls_last=True)
     )
     groups = groups_q.collect().rows(named=True)
-    shards = {t: tape.shards(t) for t in (CALLS_DIR, ROLLOUTS_DIR)}
-    tape_bytes = sum(s.bytes for ss in shards.values() for s in ss) + (tape.path / META_FILE).stat().st_size
-    writers_seen = sorted({s.writer_id for ss in shards.values() for s in ss})
+    listings = {t: tape.listing(t) for t in (CALLS_DIR, ROLLOUTS_DIR)}
+    shards = {t: listing.live for t, listing in listings.items()}
+    tape_bytes = sum(s.bytes for ss in shards.values() for s in ss) + tape.storage.size(META_FILE)
+    writers_seen = sorted({w for ss in shards.values() for s in ss for w in s.writers})
     clean = tape.writers()
     out: dict[str, Any] = {
-        "tape": str(tape.path),
+        "tape": tape.location,
         "format_version": tape.meta.format_version,
         "tokenizer": tape.meta.tokenizer.to_dict() if tape.meta.tokenizer else None,
         "rollouts": r["rollouts"],
@@ -74,10 +88,13 @@ def summarize(tape: Tape, *, jsonl_size: Callable[[Tape], int] | None = None,
         },
         "groups": groups if max_groups is None else groups[:max_groups],
         "num_groups": len(groups),
-        "shards": {t: {"count": len(ss), "bytes": sum(s.bytes for s in ss), "rows": sum(s.rows for s in ss)} for t, ss in shards.items()},
+        "shards": {t: {"count": len(ss), "bytes": sum(s.bytes for s in ss), "rows": sum(s.rows for s in ss),
+                       "compacted": sum(s.compacted for s in ss)} for t, ss in shards.items()},
+        "superseded": {t: {"count": len(ls.superseded), "bytes": sum(s.bytes for s in ls.superseded)}
+                       for t, ls in listings.items()},
         "writers": {"seen": writers_seen, "closed_cleanly": sorted(w for w in writers_seen if w in clean),
                     "not_closed": sorted(w for w in writers_seen if w not in clean)},
-        "temp_files": [str(p.relative_to(tape.path)) for p in tape.temp_files()],
+        "temp_files": tape.temp_files(),
     }
     if jsonl_size is not None:
         total = jsonl_size(tape)

@@ -32,6 +32,18 @@ WRITER_MANIFEST_TEMPLATE = "{writer}.json"
 #: Key of the format version in every shard's Parquet key-value metadata.
 SHARD_VERSION_KEY = b"gymtape.format_version"
 SHARD_TABLE_KEY = b"gymtape.table"
+#: Compacted shards only: JSON list of the shard names (same folder) whose rows this shard holds,
+#: including still-present shards that those replaced. Readers drop every listed shard named here.
+SHARD_REPLACES_KEY = b"gymtape.replaces"
+#: Compacted shards only: JSON list of the writer ids whose rows the shard holds.
+SHARD_WRITERS_KEY = b"gymtape.writers"
+#: Compacted shards only: ISO-8601 UTC time of publication (the retention period counts from it).
+SHARD_COMPACTED_AT_KEY = b"gymtape.compacted_at"
+
+#: Held by the one compactor working on a tape (``flock`` on POSIX, an object elsewhere).
+COMPACT_LOCK = "_compact.lock"
+#: Writer-id prefix of the shards a compactor publishes.
+COMPACTOR_PREFIX = "compact"
 
 
 def shard_name(writer_id: str, seq: int) -> str:
@@ -59,4 +71,6 @@ def layout_dict() -> dict[str, str]:
         "writers": f"{WRITERS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
         "runs": f"{RUNS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
         "temporary": f"<dir>/{TEMP_PREFIX}<name>.<pid>-<random>{TEMP_SUFFIX} (never read)",
+        "compacted": f"<table>/{COMPACTOR_PREFIX}-<utc time>-<random>-<seq>{SHARD_SUFFIX} (replaces the shards "
+                     f"its {SHARD_REPLACES_KEY.decode()} metadata names)",
     }

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from .._errors import NotATapeError, TapeError, TapeVersionError, TokenizerMismatchError
-from ._storage import write_bytes_atomic
+from ._storage import TapeStorage
 from ._layout import FORMAT_NAME, FORMAT_VERSION, META_FILE, layout_dict
 
 #: Files whose bytes define a tokenizer's behaviour, chat template included.
@@ -41,7 +41,9 @@ class TokenizerIdentity:
         return {"name": self.name, "sha256": self.sha256}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenizerIdentity:
+    def from_dict(cls, d: dict[str, Any], source: str = META_FILE) -> TokenizerIdentity:
+        if not isinstance(d, dict) or not {"name", "sha256"} <= d.keys():
+            raise NotATapeError(f"{source}: tokenizer is {d!r}, expected an object with name and sha256")
         return cls(name=str(d["name"]), sha256=str(d["sha256"]))
 
 
@@ -110,7 +112,7 @@ class TapeMeta:
             format_version=version,
             created_at=d.get("created_at", ""),
             created_by=d.get("created_by", ""),
-            tokenizer=TokenizerIdentity.from_dict(tok) if tok else None,
+            tokenizer=TokenizerIdentity.from_dict(tok, source) if tok else None,
             layout=d.get("layout") or layout_dict(),
         )
         meta.validate(source)
@@ -133,34 +135,37 @@ def check_version(version: int, source: str) -> None:
         )
 
 
-def read_meta(tape_dir: Path) -> TapeMeta:
-    path = tape_dir / META_FILE
+def read_meta(storage: TapeStorage) -> TapeMeta:
+    where = storage.describe(META_FILE)
     try:
-        raw = path.read_bytes()
+        raw = storage.read_bytes(META_FILE)
     except FileNotFoundError:
         raise NotATapeError(
-            f"{tape_dir} is not a tape: it has no {META_FILE}. Create one with `gymtape ingest` "
+            f"{storage.location} is not a tape: it has no {META_FILE}. Create one with `gymtape ingest` "
             "or a TapeWriter."
         ) from None
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise NotATapeError(f"{path} is not valid JSON: {e}") from e
-    return TapeMeta.from_dict(data, str(path))
+        raise NotATapeError(f"{where} is not valid JSON: {e}") from e
+    return TapeMeta.from_dict(data, where)
 
 
-def open_or_create_meta(tape_dir: Path, wanted: TapeMeta) -> TapeMeta:
-    """Create ``tape.json`` if absent (race-free across writers), else check it agrees."""
-    tape_dir.mkdir(parents=True, exist_ok=True)
-    path = tape_dir / META_FILE
-    if not path.exists():
+def open_or_create_meta(storage: TapeStorage, wanted: TapeMeta) -> TapeMeta:
+    """Create ``tape.json`` if absent, else check it agrees.
+
+    Race-free across writers on POSIX (no-clobber link). On object storage the creation is an
+    exists-check then a put, so the file is read back: a writer that lost a race within that
+    window still checks its tokenizer against the winner's."""
+    storage.makedirs()
+    if not storage.exists(META_FILE):
         data = orjson.dumps(wanted.to_dict(), option=orjson.OPT_INDENT_2)
-        if write_bytes_atomic(path, data, overwrite=False):
+        if storage.write_bytes(META_FILE, data, overwrite=False) and not storage.object_store:
             return wanted
-    existing = read_meta(tape_dir)
+    existing = read_meta(storage)
     if wanted.tokenizer and existing.tokenizer and wanted.tokenizer != existing.tokenizer:
         raise TokenizerMismatchError(
-            f"{tape_dir} was recorded with tokenizer {existing.tokenizer.name} "
+            f"{storage.location} was recorded with tokenizer {existing.tokenizer.name} "
             f"(sha256 {existing.tokenizer.sha256[:12]}), this writer uses {wanted.tokenizer.name} "
             f"(sha256 {wanted.tokenizer.sha256[:12]}). Write to a new tape directory."
         )

@@ -1,16 +1,15 @@
-"""Tape: read a tape directory as polars LazyFrames, pyarrow datasets, or full prompts.
+"""Tape: read a tape (a local folder or a URL) as polars LazyFrames, pyarrow tables, or full prompts.
 
 Only published shards are read; hidden temporary files of crashed or running writers are
 never touched. Every shard's footer, format version and schema are checked before its rows are
-used, and any failure names the shard file.
+used (``recorder.tape._shards``, the one place), and any failure names the shard. Shards that a
+compacted shard replaces are skipped, so a reader sees every row once while a compactor works.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,22 +17,14 @@ import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
-from .._errors import CorruptShardError, TapeError
-from ._layout import CALLS_DIR, ROLLOUTS_DIR, SHARD_VERSION_KEY, TABLES, WRITERS_DIR, is_published_shard, is_temp_file
-from ._meta import TapeMeta, check_version, read_meta
+from .._errors import TapeError
+from ._layout import CALLS_DIR, ROLLOUTS_DIR, TABLES, WRITERS_DIR, is_temp_file
+from ._meta import TapeMeta, read_meta
 from ._prompts import rebuild_prompts
 from ._schema import SCHEMAS
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    table: str
-    path: Path
-    rows: int
-    bytes: int
-    writer_id: str
+from ._shards import ShardCatalog, ShardInfo, ShardListing
+from ._storage import TapeStorage
 
 
 class ListColumn:
@@ -59,76 +50,58 @@ class ListColumn:
 
 
 class Tape:
-    """A tape on disk, opened for reading.
+    """A tape opened for reading: a local folder, a shared mount, or object storage.
 
     >>> tape = Tape("runs/tape")                       # doctest: +SKIP
+    >>> tape = Tape("s3://bucket/run1")                # doctest: +SKIP
     >>> tape.calls().select("rollout_id", "prompt_len").collect()   # doctest: +SKIP
+
+    Args:
+        location: a local path or a URL (``s3://``, ``gs://``, ``az://``, ``file://``).
+        filesystem: a ``pyarrow.fs.FileSystem`` or fsspec filesystem holding ``location``.
+
+    :meth:`read` (and everything built on it) returns every row exactly once even while a
+    compactor replaces shards. :meth:`calls`, :meth:`rollouts` and :meth:`dataset` are lazy:
+    they read the shards of one listing when collected, so collect them promptly on a tape
+    that is being compacted (a shard deleted in between raises ``FileNotFoundError``).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.meta: TapeMeta = read_meta(self.path)
-        self._checked: dict[Path, ShardInfo] = {}
+    def __init__(self, location: str | os.PathLike[str] | TapeStorage, filesystem: Any = None) -> None:
+        self.storage = TapeStorage.of(location, filesystem)
+        #: The tape as the user named it: a local path or a URL.
+        self.location: str = self.storage.location
+        self.meta: TapeMeta = read_meta(self.storage)
+        self.catalog = ShardCatalog(self.storage)
 
     def __repr__(self) -> str:
-        return f"Tape({str(self.path)!r})"
+        return f"Tape({self.location!r})"
 
     # -- shards --------------------------------------------------------------------------
 
     def shards(self, table: str) -> list[ShardInfo]:
-        """The published shards of ``calls`` or ``rollouts``, checked, in name order."""
-        if table not in TABLES:
-            raise ValueError(f"table must be one of {TABLES}, got {table!r}")
-        d = self.path / table
-        names = sorted(n for n in os.listdir(d) if is_published_shard(n)) if d.is_dir() else []
-        return [self._check(table, d / n) for n in names]
+        """The live shards of ``calls`` or ``rollouts`` (published, checked, not superseded), in name order."""
+        return list(self.catalog.settled_listing(table).live)
 
-    def temp_files(self) -> list[Path]:
-        """Hidden temporary files: in-flight flushes, or leftovers of crashed writers."""
-        out: list[Path] = []
-        for table in (*TABLES, WRITERS_DIR):
-            d = self.path / table
-            if d.is_dir():
-                out += [d / n for n in sorted(os.listdir(d)) if is_temp_file(n)]
-        return out
+    def listing(self, table: str) -> ShardListing:
+        """One listing of ``table``: live shards and superseded ones awaiting deletion."""
+        return self.catalog.settled_listing(table)
+
+    def temp_files(self) -> list[str]:
+        """Hidden temporary files (paths relative to the tape): in-flight flushes, or leftovers of crashed writers."""
+        return [f"{table}/{e.name}" for table in (*TABLES, WRITERS_DIR)
+                for e in self.storage.list(table) if is_temp_file(e.name)]
 
     def writers(self) -> dict[str, dict[str, Any]]:
         """Manifests of writers that closed cleanly, by writer id."""
-        d = self.path / WRITERS_DIR
         out = {}
-        if d.is_dir():
-            for n in sorted(os.listdir(d)):
-                if n.endswith(".json") and not n.startswith("."):
-                    m = orjson.loads((d / n).read_bytes())
-                    out[m["writer_id"]] = m
+        for e in self.storage.list(WRITERS_DIR):
+            if e.name.endswith(".json") and not e.name.startswith("."):
+                try:
+                    m = orjson.loads(self.storage.read_bytes(WRITERS_DIR, e.name))
+                except FileNotFoundError:
+                    continue
+                out[m["writer_id"]] = m
         return out
-
-    def _check(self, table: str, path: Path) -> ShardInfo:
-        info = self._checked.get(path)
-        if info is not None:
-            return info
-        try:
-            md = pq.read_metadata(path)
-            schema = md.schema.to_arrow_schema()
-        except (pa.ArrowException, OSError) as e:
-            raise CorruptShardError(str(path), str(e)) from e
-        version = (schema.metadata or {}).get(SHARD_VERSION_KEY)
-        if version is None:
-            raise CorruptShardError(str(path), "it is not a gymtape shard (no gymtape.format_version metadata)")
-        try:
-            check_version(int(version), str(path))
-        except ValueError as e:
-            raise CorruptShardError(str(path), f"bad format version {version!r}") from e
-        expected = SCHEMAS[table]
-        for f in expected:
-            idx = schema.get_field_index(f.name)
-            if idx < 0 or not schema.field(idx).type.equals(f.type):
-                got = "missing" if idx < 0 else str(schema.field(idx).type)
-                raise CorruptShardError(str(path), f"column {f.name} is {got}, expected {f.type}")
-        writer_id = path.name[: -len(".parquet")].rsplit("-", 1)[0]
-        info = ShardInfo(table, path, md.num_rows, path.stat().st_size, writer_id)
-        self._checked[path] = info
-        return info
 
     # -- tables --------------------------------------------------------------------------
 
@@ -141,28 +114,25 @@ class Tape:
         return self._scan(ROLLOUTS_DIR)
 
     def dataset(self, table: str) -> pads.Dataset:
-        """A pyarrow dataset over one table's published shards."""
-        paths = [str(s.path) for s in self.shards(table)]
-        return pads.dataset(paths, schema=SCHEMAS[table], format="parquet")
+        """A pyarrow dataset over one table's live shards."""
+        return self._dataset(table, self.shards(table))
 
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
-        """Read a whole table eagerly; a shard that fails to decode is named in the error."""
-        parts = []
-        for s in self.shards(table):
-            try:
-                parts.append(pq.read_table(s.path, columns=columns, schema=SCHEMAS[table]))
-            except (pa.ArrowException, OSError) as e:
-                raise CorruptShardError(str(s.path), str(e)) from e
-        if not parts:
-            schema = SCHEMAS[table]
-            return schema.empty_table() if columns is None else pa.schema([schema.field(c) for c in columns]).empty_table()
-        return pa.concat_tables(parts)
+        """Read a whole table eagerly, every row exactly once (see the class doc); a shard that
+        fails to decode is named in the error."""
+        return self.catalog.read(table, columns)
 
     def _scan(self, table: str) -> pl.LazyFrame:
-        paths = [str(s.path) for s in self.shards(table)]
-        if not paths:
+        shards = self.shards(table)
+        if not shards:
             return pl.from_arrow(SCHEMAS[table].empty_table()).lazy()  # type: ignore[union-attr]
-        return pl.scan_parquet(paths)
+        if self.storage.local is not None:
+            return pl.scan_parquet([s.path for s in shards])
+        return pl.scan_pyarrow_dataset(self._dataset(table, shards))
+
+    def _dataset(self, table: str, shards: list[ShardInfo]) -> pads.Dataset:
+        return pads.dataset([s.path for s in shards], schema=SCHEMAS[table], format="parquet",
+                            filesystem=self.storage.fs)
 
     # -- prompts -------------------------------------------------------------------------
 

@@ -2,10 +2,14 @@
 
 Guarantees, in the order they matter:
 
-* A shard becomes visible only complete: it is written under a hidden temporary name, fsynced,
-  then renamed. A crash (even SIGKILL) leaves at most a hidden temporary file readers skip.
+* A shard becomes visible only complete: on POSIX it is written under a hidden temporary name,
+  fsynced, then linked to its final name; a crash (even SIGKILL) leaves at most a hidden
+  temporary file readers skip. On object storage it is serialised in memory and PUT once to its
+  final name (``recorder.tape._storage``). Live capture (`gymtape serve`, `gymtape record`)
+  writes to POSIX only; ingest and compaction write anywhere.
 * Several writers may share one tape without coordination: shard names carry the writer id and
-  a sequence number, and ``tape.json`` is created with a no-clobber link.
+  a sequence number, and ``tape.json`` is created with a no-clobber link (on object storage: an
+  exists-check then a put, read back; best effort).
 * Within one flush the calls shard is published before the rollouts shard, so a visible rollout
   row of this writer always has its calls visible too.
 * ``close()`` publishes what is buffered and then the writer's manifest
@@ -30,11 +34,11 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import _signals
-from .._errors import TapeValueError, WriterClosedError
-from ._storage import publish, temp_path_for, write_bytes_atomic
+from .._errors import TapeError, TapeValueError, WriterClosedError, WriterIdConflictError
+from ._shards import ROW_GROUP_ROWS, ShardCatalog, ShardVanished, parquet_options, seq_of, writer_of  # noqa: F401
+from ._storage import TapeStorage
 from ._layout import (
     CALLS_DIR,
     FORMAT_VERSION,
@@ -43,6 +47,7 @@ from ._layout import (
     SHARD_VERSION_KEY,
     WRITER_MANIFEST_TEMPLATE,
     WRITERS_DIR,
+    COMPACTOR_PREFIX,
     is_published_shard,
     shard_name,
 )
@@ -51,8 +56,6 @@ from ._prompts import common_prefix_len
 from ._records import CALL_STATUSES, LOGPROBS_KINDS, ROLLOUT_STATUSES, ROLLOUT_TOKEN_STATUSES, CallRecord, RolloutRecord
 from ._schema import CALL_COLUMNS, CALLS_SCHEMA, ROLLOUT_COLUMNS, ROLLOUTS_SCHEMA, Column
 
-#: Rows per Parquet row group: small enough to stream, large enough to compress well.
-ROW_GROUP_ROWS = 4096
 #: Open rollouts whose last context the writer keeps for delta encoding. Past this the oldest
 #: is forgotten and its next call is stored with its full prompt (correct, just larger).
 MAX_OPEN_ROLLOUTS = 65536
@@ -136,12 +139,13 @@ def _as_ids(values: Any, what: str, call_id: str) -> np.ndarray:
 
 
 class TapeWriter:
-    """Append calls and rollouts to a tape directory (created if needed).
+    """Append calls and rollouts to a tape (created if needed): a local folder or a URL.
 
     Use as a context manager, or call :meth:`close`. Thread-safe.
 
     Args:
-        path: the tape directory.
+        path: the tape: a local folder, or a URL (``s3://bucket/run1``) for batch writes
+            (ingest, compaction); ``filesystem`` as for :class:`~recorder.Tape`.
         writer_id: names this writer's shards; default ``host-pid-random``. Reusing an id
             continues its sequence numbers.
         tokenizer: identity recorded in ``tape.json`` (checked against an existing tape).
@@ -163,14 +167,17 @@ class TapeWriter:
         flush_bytes: int = 64 << 20,
         flush_seconds: float | None = 30.0,
         handle_signals: bool = True,
+        filesystem: Any = None,
     ) -> None:
-        self.path = Path(path)
+        self.storage = TapeStorage.of(path, filesystem)
+        self.location = self.storage.location
+        #: The tape folder when it is local, else None.
+        self.path: Path | None = self.storage.local
         self.writer_id = writer_id or default_writer_id()
         if not self.writer_id.replace("-", "").replace("_", "").isalnum():
             raise TapeValueError(f"writer_id {self.writer_id!r} may hold only letters, digits, '-' and '_'")
-        self.meta = open_or_create_meta(self.path, TapeMeta(tokenizer=tokenizer, created_by=created_by))
-        for d in (CALLS_DIR, ROLLOUTS_DIR, WRITERS_DIR):
-            (self.path / d).mkdir(exist_ok=True)
+        self.meta = open_or_create_meta(self.storage, TapeMeta(tokenizer=tokenizer, created_by=created_by))
+        self.storage.makedirs(CALLS_DIR, ROLLOUTS_DIR, WRITERS_DIR)
         self.flush_rows = flush_rows
         self.flush_bytes = flush_bytes
         self.flush_seconds = flush_seconds
@@ -341,15 +348,23 @@ class TapeWriter:
         return schema.with_metadata({SHARD_VERSION_KEY: str(FORMAT_VERSION).encode(), SHARD_TABLE_KEY: table.encode()})
 
     def _next_seq(self) -> int:
-        prefix = f"{self.writer_id}-"
-        seqs = [-1]
+        """One past this writer id's highest sequence number, counting shards compacted away
+        (compacted shards record it): a reused name would be hidden from readers that remember
+        names. Only compacted shards' footers are read."""
+        catalog = ShardCatalog(self.storage)
+        seq = -1
         for table in (CALLS_DIR, ROLLOUTS_DIR):
-            for name in os.listdir(self.path / table):
-                if is_published_shard(name) and name.startswith(prefix):
-                    tail = name[len(prefix) :].split(".")[0]
-                    if tail.isdigit():
-                        seqs.append(int(tail))
-        return max(seqs) + 1
+            for entry in self.storage.list(table):
+                if not is_published_shard(entry.name):
+                    continue
+                if writer_of(entry.name) == self.writer_id:
+                    seq = max(seq, seq_of(entry.name))
+                elif entry.name.startswith(f"{COMPACTOR_PREFIX}-"):
+                    try:
+                        seq = max(seq, catalog.check(table, entry).writers.get(self.writer_id, -1))
+                    except (ShardVanished, TapeError):  # deleted meanwhile, or unreadable: readers report it
+                        continue
+        return seq + 1
 
     def _remember(self, rollout_id: str, state: _OpenRollout) -> None:
         self._open[rollout_id] = state
@@ -364,7 +379,7 @@ class TapeWriter:
             self.w._lock.acquire()
             if self.w._closed:
                 self.w._lock.release()
-                raise WriterClosedError(f"writer {self.w.writer_id} of {self.w.path} is closed")
+                raise WriterClosedError(f"writer {self.w.writer_id} of {self.w.location} is closed")
             self.w._busy += 1
 
         def __exit__(self, *exc: Any) -> None:
@@ -422,21 +437,12 @@ class TapeWriter:
             setattr(self, attr, _TableBuffer(buf.columns, buf.schema))
 
     def _write_shard(self, table_dir: str, seq: int, table: pa.Table) -> None:
-        final = self.path / table_dir / shard_name(self.writer_id, seq)
-        tmp = temp_path_for(final)
+        rel = f"{table_dir}/{shard_name(self.writer_id, seq)}"
         try:
-            pq.write_table(
-                table,
-                tmp,
-                compression="zstd",
-                row_group_size=ROW_GROUP_ROWS,
-                use_byte_stream_split=["generation_logprobs"] if table_dir == CALLS_DIR else False,
-            )
-            publish(tmp, final, overwrite=False) or _raise_exists(final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self.shards.append(f"{table_dir}/{final.name}")
+            self.storage.write_parquet(rel, table, **parquet_options(table_dir))
+        except FileExistsError:
+            _raise_exists(self.storage.describe(rel))
+        self.shards.append(rel)
 
     def _write_manifest(self) -> None:
         manifest = {
@@ -446,8 +452,8 @@ class TapeWriter:
             "rows": self.rows_written,
             "shards": self.shards,
         }
-        path = self.path / WRITERS_DIR / WRITER_MANIFEST_TEMPLATE.format(writer=self.writer_id)
-        write_bytes_atomic(path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        rel = f"{WRITERS_DIR}/{WRITER_MANIFEST_TEMPLATE.format(writer=self.writer_id)}"
+        self.storage.write_bytes(rel, orjson.dumps(manifest, option=orjson.OPT_INDENT_2), overwrite=True)
 
     def _shutdown(self) -> None:
         self._closed = True
@@ -455,8 +461,8 @@ class TapeWriter:
         _signals.unregister(self)  # the ticker thread sees _stop and ends by itself
 
 
-def _raise_exists(final: Path) -> None:
-    raise FileExistsError(f"{final} already exists; two writers share the writer id, give each its own")
+def _raise_exists(final: str) -> None:
+    raise WriterIdConflictError(f"{final} already exists; two writers share the writer id, give each its own")
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], what: str, owner: str) -> None:

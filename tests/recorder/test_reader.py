@@ -132,7 +132,7 @@ def test_temp_files_are_ignored_and_listed(make_tape) -> None:
     _leave_temp_file(tape)
     t = Tape(tape)
     assert t.calls().collect().height == 12
-    assert [p.name for p in t.temp_files()] == [".crashed-000009.parquet.tmp"]
+    assert t.temp_files() == ["calls/.crashed-000009.parquet.tmp"]
 
 
 def test_empty_tape_reads_as_empty_tables(tmp_path: Path) -> None:

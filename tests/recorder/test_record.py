@@ -130,3 +130,85 @@ def test_sigkilled_record_resumes_to_every_pair_exactly_once(served: tuple[Serve
     keys = after.select("env", "task_index", "rollout_index").rows()
     assert len(keys) == len(set(keys)) == LIMIT, "every (env, task, repeat) exactly once"
     assert set(before["rollout_id"]) <= set(after["rollout_id"]), "rollouts recorded before the kill are kept"
+
+
+def test_a_run_seed_gives_every_rollout_its_own_reproducible_seed(tmp_path: Path) -> None:
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join('{"responses_create_params": {"input": []}, "i": %d}\n' % i for i in range(6)))
+    env = EnvConfig(name="a", agent_url="http://x", tasks=tasks, task_indices=[4, 1], repeats=3, seed=5)
+    items = work_items([env])
+    assert [(i.task_index, i.repeat) for i in items] == [(4, 0), (1, 0), (4, 1), (1, 1), (4, 2), (1, 2)]
+    assert [i.task["i"] for i in items] == [4, 1] * 3, "each item carries its own task line"
+    seeds = [i.seed for i in items]
+    assert len(set(seeds)) == 6 and all(isinstance(s, int) and 0 <= s < 2**31 for s in seeds)
+    assert seeds == [i.seed for i in work_items([env])], "the same run seed gives the same rollout seeds"
+    other = EnvConfig(name="a", agent_url="http://x", tasks=tasks, task_indices=[4, 1], repeats=3, seed=6)
+    assert not set(seeds) & {i.seed for i in work_items([other])}, "another run seed gives other seeds"
+    unseeded = EnvConfig(name="a", agent_url="http://x", tasks=tasks)
+    assert {i.seed for i in work_items([unseeded])} == {None}
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"task_indices": [1, 2, 1]}, r"lists \[1\] more than once"),
+    ({"task_indices": [-1]}, "integers >= 0"),
+    ({"task_indices": [6]}, r"\[6\] are out of range: .* has 6 tasks \(0..5\)"),
+    ({"seed": 1, "sampling": {"seed": 2}}, "not both"),
+    ({"seed": "1"}, "seed must be an integer"),
+])
+def test_bad_task_indices_and_seeds_are_refused_by_name(tmp_path: Path, kw: dict[str, object], message: str) -> None:
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"responses_create_params": {"input": []}}\n' * 6)
+    env = EnvConfig(name="a", agent_url="http://127.0.0.1:9", tasks=tasks, **kw)  # type: ignore[arg-type]
+    with pytest.raises(RecordConfigError, match=message):
+        record(RecordConfig(tape=tmp_path / "t", envs=[env]))
+    assert not (tmp_path / "t").exists(), "nothing is recorded from a refused config"
+
+
+def test_record_seed_flag_samples_the_same_rollouts_again(served: tuple[Server, Path], tmp_path: Path) -> None:
+    """`gymtape record --seed` (the CLI) and EnvConfig.seed (the API) sample the same tokens for
+    the same (task, repeat); the repeats of a task are sampled differently."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    server, _ = served
+    env = EnvConfig(name="addition", builtin="addition", model_url=f"{server.url}/v1", task_indices=[3, 0], repeats=2,
+                    seed=11, sampling={"max_tokens": 8, "temperature": 1.0})
+    # one rollout at a time: the engine batches nothing, so the seeded samples are bit-for-bit reproducible
+    record(RecordConfig(tape=tmp_path / "api", envs=[env], concurrency=1))
+    r = CliRunner().invoke(app, ["record", "--env", "addition", "--model-url", f"{server.url}/v1", "--tape",
+                                 str(tmp_path / "cli"), "--task-index", "3", "--task-index", "0", "--repeats", "2",
+                                 "--seed", "11", "--max-tokens", "8", "--temperature", "1.0", "--concurrency", "1"])
+    assert r.exit_code == 0, r.output
+
+    def generations(tape: Path) -> dict[tuple[int, int], list[int]]:
+        from recorder import iter_gym_lines
+
+        return {(ln["_ng_task_index"], ln["_ng_rollout_index"]): ln["response"]["output"][-1]["generation_token_ids"]
+                for ln in iter_gym_lines(Tape(tape))}
+
+    api, cli = generations(tmp_path / "api"), generations(tmp_path / "cli")
+    assert sorted(api) == [(0, 0), (0, 1), (3, 0), (3, 1)]
+    assert api == cli, "same seed, same task and repeat: the same tokens"
+    assert len({tuple(g) for g in api.values()}) > 1, "each rollout has its own seed"
+
+
+def test_record_flags_override_a_config_yaml_only_when_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import recorder
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    ran: list[RecordConfig] = []
+    monkeypatch.setattr(recorder, "record", lambda cfg, **_: ran.append(cfg) or recorder.RecordReport())
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"tape": "tape", "concurrency": 3, "retries": 0, "model_url": "http://127.0.0.1:9/v1",
+                                   "environments": [{"name": "add", "builtin": "addition"}]}))
+    r = CliRunner().invoke(app, ["record", "--config", str(cfg), "--retries", "4", "--seed", "9"])
+    assert r.exit_code == 0, r.output
+    (got,) = ran
+    assert (got.concurrency, got.retries) == (3, 4), "the YAML's concurrency stays; --retries was given"
+    assert got.envs[0].seed == 9
+    r = CliRunner().invoke(app, ["record", "--config", str(cfg), "--repeats", "2", "--task-index", "1"])
+    assert r.exit_code == 2 and "--repeats, --task-index:" in r.stderr, r.output
+    assert "describe one environment without --config" in r.stderr

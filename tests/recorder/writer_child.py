@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 
-import recorder.tape._writer as writer_mod
+import recorder.tape._storage as storage_mod
 from recorder import CallRecord, RolloutRecord, TapeWriter
 
 tape, mode, writer_id, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -30,16 +30,16 @@ def _pause(msg: str) -> None:
 
 
 if mode == "pause-publish":
-    real_publish = writer_mod.publish
+    real_publish = storage_mod.publish
 
     def publish(tmp, final, *, overwrite):  # type: ignore[no-untyped-def]
         global flushes
-        flushes += 1
-        if flushes == 5:  # calls + rollouts shards: flush 3 publishes its calls shard 5th
+        flushes += str(final).endswith(".parquet")  # shards only (tape.json is published here too)
+        if flushes == 5 and str(final).endswith(".parquet"):  # calls + rollouts: flush 3's calls shard is 5th
             _pause(f"PAUSED {tmp}")
         return real_publish(tmp, final, overwrite=overwrite)
 
-    writer_mod.publish = publish
+    storage_mod.publish = publish
 elif mode == "pause-write":
     real_write = pq.write_table
 
@@ -54,7 +54,7 @@ elif mode == "pause-write":
             _pause(f"PAUSED {where}")
             w.write_table(table.slice(1))
 
-    writer_mod.pq.write_table = write_table
+    pq.write_table = write_table
 
 w = TapeWriter(tape, writer_id=writer_id, flush_rows=10**9, flush_seconds=None)
 rng = np.random.default_rng(abs(hash(writer_id)) % 2**32)

@@ -16,7 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from recorder import CallRecord, RolloutRecord, Tape, TapeWriter, TokenizerIdentity, tokenizer_identity
+from recorder import (CallRecord, RolloutRecord, Tape, TapeWriter, TokenizerIdentity, TokenizerMismatchError,
+                      tokenizer_identity)
 from recorder.serve._prompting import PromptBuilder
 from recorder.tape._prompts import common_prefix_len
 from replay import CheckReport, check_tape
@@ -210,7 +211,11 @@ def test_field_problems_are_each_reported(tmp_path: Path, tok: Any, builder: Pro
     calls[1].generation_logprobs = [-0.1] * (len(calls[1].generation_ids) - 1) + [math.nan]
     calls[2].generation_ids = [len(tok) + 10] + list(calls[2].generation_ids[1:])
     other = TokenizerIdentity(name="other-tokenizer", sha256="0" * 64)
-    report = check_tape(write(tmp_path / "t", calls, other), tok)
+    tape = write(tmp_path / "t", calls, other)
+    with pytest.raises(TokenizerMismatchError, match="other-tokenizer .*SmolLM2"):
+        check_tape(tape, tok)  # a different tokenizer is refused unless allowed
+    report = check_tape(tape, tok, allow_tokenizer_mismatch=True)
+    assert any("other-tokenizer" in w for w in report.warnings)
     t = report.totals
     assert (t["logprob_positive"], t["logprob_nan"], t["logprob_inf"], t["token_out_of_vocab"], t["tokenizer_mismatch"]) \
         == (1, 1, 0, 1, 1)
@@ -242,13 +247,13 @@ def test_cli_check_exit_codes_and_json(tmp_path: Path, tok: Any, builder: Prompt
                                        ident: TokenizerIdentity) -> None:
     runner = CliRunner()
     clean = write(tmp_path / "clean", on_policy_calls(tok, builder), ident)
-    r = runner.invoke(app, ["check", str(clean.path), "--tokenizer", str(model_dir)])
+    r = runner.invoke(app, ["check", clean.location, "--tokenizer", str(model_dir)])
     assert r.exit_code == 0, r.output
     assert "off-policy if re-templated" in r.stdout and "0.0%" in r.stdout
     bad = write(tmp_path / "bad", merge_calls(tok, builder)[0], ident)
-    r = runner.invoke(app, ["check", str(bad.path), "--tokenizer", str(model_dir), "--json"])
+    r = runner.invoke(app, ["check", bad.location, "--tokenizer", str(model_dir), "--json"])
     assert r.exit_code == 1, r.output
     d = json.loads(r.stdout)
     assert d["totals"]["retokenization"] == 1 and d["totals"]["retemplate"] == 1 and d["ok"] is False
-    r = runner.invoke(app, ["check", str(bad.path), "--tokenizer", str(model_dir)])
+    r = runner.invoke(app, ["check", bad.location, "--tokenizer", str(model_dir)])
     assert r.exit_code == 1 and "retokenization" in r.stdout

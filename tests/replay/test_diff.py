@@ -16,7 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from recorder import CallRecord, RolloutRecord, TapeWriter, TokenizerIdentity, tokenizer_identity
+from recorder import (CallRecord, RolloutRecord, TapeWriter, TokenizerIdentity, TokenizerMismatchError,
+                      tokenizer_identity)
 from replay import DiffError, DiffReport, diff_tapes
 
 EOS = 2  # <|im_end|>
@@ -183,13 +184,16 @@ def test_matching_by_id_and_a_tape_against_itself(tapes: dict[str, Any], tok: An
         diff_tapes(tapes["a"], tapes["b"], by="name", tokenizer=tok)  # type: ignore[arg-type]
 
 
-def test_different_tokenizer_identities_are_warned(tapes: dict[str, Any], tok: Any, tmp_path: Path) -> None:
+def test_different_tokenizer_identities_are_refused_unless_allowed(tapes: dict[str, Any], tok: Any,
+                                                                   tmp_path: Path) -> None:
     other = TokenizerIdentity(name="other-tokenizer", sha256="0" * 64)
     with TapeWriter(tmp_path / "c", tokenizer=other, flush_seconds=None, handle_signals=False) as w:
         write_rollout(w, "c-0", 0, [(tapes["q"], tapes["first"], [-0.5] * len(tapes["first"]))], 1.0)
-    r = diff_tapes(tapes["a"], tmp_path / "c", tokenizer=tok)
+    with pytest.raises(TokenizerMismatchError, match=f"tape {tmp_path / 'c'} was recorded with tokenizer other-tokenizer"):
+        diff_tapes(tapes["a"], tmp_path / "c", tokenizer=tok)
+    r = diff_tapes(tapes["a"], tmp_path / "c", tokenizer=tok, allow_tokenizer_mismatch=True)
     assert any("different tokenizers" in x for x in r.warnings)
-    assert any("tape B was recorded with tokenizer other-tokenizer" in x for x in r.warnings)
+    assert any(f"tape {tmp_path / 'c'} was recorded with tokenizer other-tokenizer" in x for x in r.warnings)
 
 
 def test_cli_json_html_and_fail_on_divergence(tapes: dict[str, Any], model_dir: Path, tmp_path: Path) -> None:

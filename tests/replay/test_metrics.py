@@ -1,4 +1,5 @@
-"""Replay mismatch metrics against values worked out by hand on small arrays."""
+"""Mismatch metrics against values worked out by hand on small arrays, and the trainer's view of
+them (``trainer_bridge.mismatch_metrics``, torch) against replay's (numpy) on the same tokens."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from replay._metrics import METRIC_NAMES, grouped_metrics, token_metrics
+from replay import grouped_metrics, token_metrics
+from trainer_bridge import MISMATCH_METRIC_NAMES as METRIC_NAMES
+from trainer_bridge import mismatch_metrics
 
 LN2 = math.log(2)
 # Probabilities: recorded (sampler) 0.5, 0.25, 0.1; replayed (trainer) 0.5, 0.5, 0.05.
@@ -77,3 +81,37 @@ def test_bad_input_is_refused() -> None:
         grouped_metrics(np.zeros(3), np.zeros(2), np.zeros(3, dtype=int), 1, calls=np.zeros(3, dtype=int))
     with pytest.raises(ValueError, match="is_bounds"):
         token_metrics(np.zeros(2), np.zeros(2), is_bounds=(2.0, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trainer_step_and_replay_report_the_same_mismatch_on_the_same_tokens(seed: int, dtype: torch.dtype) -> None:
+    """The torch metrics a training step logs equal replay's numpy ones, group by group, extremes included."""
+    rng = np.random.default_rng(seed)
+    n, n_groups = 301, 5
+    rec = rng.normal(-2.0, 1.5, n)
+    rep = rec + rng.normal(0.0, 0.3, n)
+    # |d| far beyond exp's float64 range both ways, an exact match, and a token the sampler found impossible-ish
+    rep[:4] = rec[:4] + np.array([750.0, -800.0, 0.0, 1e4])
+    groups = rng.integers(0, n_groups - 1, n)  # the last group stays empty
+    groups[:4] = 0
+    mask = rng.random(n) < 0.7
+    mask[:4] = True
+    rep_t, rec_t = torch.tensor(rep, dtype=dtype), torch.tensor(rec, dtype=dtype)
+    rep_np, rec_np = rep_t.double().numpy(), rec_t.double().numpy()  # what each side sees, same rounding
+    sel = np.flatnonzero(mask)
+    per_group = grouped_metrics(rep_np[sel], rec_np[sel], groups[sel], n_groups, calls=np.zeros(sel.size, np.int64))
+    for g in range(n_groups):
+        trainer = mismatch_metrics(rep_t, rec_t, torch.tensor(mask & (groups == g)))
+        assert set(trainer) <= set(METRIC_NAMES)
+        for k, v in trainer.items():
+            want = per_group[g][k]
+            if want is None:
+                assert v is None, f"group {g} {k}: the trainer reports {v} for a group without tokens"
+            else:
+                assert v == pytest.approx(want, rel=1e-12, abs=0), \
+                    f"group {g} {k}: trainer {v} != replay {want}: the two definitions have drifted apart"
+                assert math.isfinite(v), f"group {g} {k} = {v}: overflow must saturate, not reach inf/NaN"
+    assert per_group[0]["max_abs_dlogprob"] == pytest.approx(1e4, rel=1e-6) and per_group[n_groups - 1]["tokens"] == 0
+    empty = mismatch_metrics(rep_t, rec_t, torch.zeros(n, dtype=torch.bool))
+    assert empty and all(v is None for v in empty.values()), "an empty mask has no metrics"

@@ -80,21 +80,21 @@ def test_async_mode_trains_on_batches_one_version_old_and_the_is_weights_see_it(
 
 def test_invalid_settings_are_refused_before_anything_starts(tmp_path: Path) -> None:
     for bad in (dict(group_size=1), dict(env="nope"), dict(correction="clip"), dict(lr=0.0),
-                dict(correction="mis-token", is_low=3.0, is_high=2.0)):
+                dict(correction="mis-token", is_low=3.0, is_high=2.0), dict(groups_per_step=100_000)):
         with pytest.raises(TrainError):
             train(TrainConfig(out=tmp_path / "x", **bad), log=lambda line: None)  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()
 
 
-def _serve_pids(tape: Path) -> list[int]:
-    """PIDs of `gymtape serve` processes recording to ``tape`` (from /proc)."""
+def _serve_pids(run: Path) -> list[int]:
+    """PIDs of the `gymtape serve` children (ServeProcess) of the training run in ``run`` (from /proc)."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"serve" in cmd and str(tape).encode() in cmd:
+        if b"recorder.serve" in cmd and str(run / "serve.json").encode() in cmd:
             pids.append(int(d.name))
     return pids
 
@@ -111,17 +111,17 @@ def test_sigterm_stops_the_loop_and_the_server_it_started(tmp_path: Path, model_
         # the server is up once the base model's validation row is written
         wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_bytes().strip() != b"",
                    timeout=240, what="the first metrics row")
-        assert _serve_pids(out / "tape"), "the loop's server is running"
+        assert _serve_pids(out), "the loop's server is running"
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)
         err = (tmp_path / "train.err").read_text(errors="replace")[-3000:]
         assert rc != 0, err
-        wait_until(lambda: not _serve_pids(out / "tape"), timeout=60,
+        wait_until(lambda: not _serve_pids(out), timeout=60,
                    what=f"the server to exit (train exited {rc}; its stderr:\n{err})")
     finally:
         if proc.poll() is None:
             proc.kill()
-        for pid in _serve_pids(out / "tape"):
+        for pid in _serve_pids(out):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -142,4 +142,4 @@ def test_an_exit_while_the_collector_starts_still_stops_the_server(tmp_path: Pat
                       max_tokens=4, val_every=0, val_tasks=2, threads=1, plot=False)
     with pytest.raises(SystemExit):
         train(cfg, log=lambda line: None)
-    assert not _serve_pids(out / "tape"), "the loop's server outlived it"
+    assert not _serve_pids(out), "the loop's server outlived it"

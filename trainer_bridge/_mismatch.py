@@ -1,4 +1,11 @@
-"""Mismatch metrics between sampler (recorded) and trainer (replayed) logprobs, for any grouping.
+"""Train-inference mismatch metrics between sampler (recorded) and trainer (replayed) logprobs:
+the one definition gymtape has.
+
+`gymtape replay` reports them per rollout, call and position (``replay.grouped_metrics`` is
+:func:`grouped_mismatch_metrics`), and :func:`~trainer_bridge.mismatch_metrics` logs them for
+every training step (a torch front over :func:`token_mismatch_metrics`), so a number in a replay
+report and the same number in a training log mean the same thing. numpy, no torch: replay
+imports it without loading torch.
 
 Per token, ``d = replayed − recorded`` and ``r = exp(d)`` (the trainer/sampler importance
 ratio). Every metric is a per-group reduction over flat per-token arrays, so the same code
@@ -25,12 +32,14 @@ from typing import Any
 
 import numpy as np
 
-METRIC_NAMES: tuple[str, ...] = (
+from ._errors import BridgeValueError
+
+#: Every metric, in report order (``tokens`` is the count, the rest are floats or None).
+MISMATCH_METRIC_NAMES: tuple[str, ...] = (
     "tokens", "mean_abs_dlogprob", "max_abs_dlogprob", "mean_abs_dprob", "max_abs_dprob", "kl_k1", "kl_k2", "kl_k3",
     "token_mult_prob_error", "seq_is_ratio", "geo_mean_is_ratio", "frac_outside_is_bounds", "chi2", "ess",
 )
-#: Metrics a ``--fail-above`` threshold may name (everything but the count).
-THRESHOLD_METRICS: tuple[str, ...] = METRIC_NAMES[1:]
+#: Importance ratios outside these count in ``frac_outside_is_bounds``.
 DEFAULT_IS_BOUNDS: tuple[float, float] = (0.5, 2.0)
 #: exp() arguments are clipped here so ratios stay finite in float64 (e^709 is the largest).
 _MAX_EXP = 700.0
@@ -44,7 +53,7 @@ def finite(x: float) -> float:
     return float(x)
 
 
-def grouped_metrics(
+def grouped_mismatch_metrics(
     replayed: np.ndarray,
     recorded: np.ndarray,
     groups: np.ndarray,
@@ -53,7 +62,7 @@ def grouped_metrics(
     calls: np.ndarray,
     is_bounds: Sequence[float] = DEFAULT_IS_BOUNDS,
 ) -> list[dict[str, Any]]:
-    """The metrics of each group ``0..n_groups-1``: one dict per group, keys :data:`METRIC_NAMES`.
+    """The metrics of each group ``0..n_groups-1``: one dict per group, keys :data:`MISMATCH_METRIC_NAMES`.
 
     ``groups[i]`` is token i's group, ``calls[i]`` a code of the call that generated it (for
     the sequence-level IS ratio: a call's tokens inside the group form one sequence). Groups
@@ -64,11 +73,11 @@ def grouped_metrics(
     g = np.asarray(groups, dtype=np.int64)
     c = np.asarray(calls, dtype=np.int64)
     if not (rep.shape == rec.shape == g.shape == c.shape) or rep.ndim != 1:
-        raise ValueError(f"replayed, recorded, groups and calls must be 1-D of one length, got "
+        raise BridgeValueError(f"replayed, recorded, groups and calls must be 1-D of one length, got "
                          f"{rep.shape}, {rec.shape}, {g.shape}, {c.shape}")
     lo, hi = float(is_bounds[0]), float(is_bounds[1])
     if not 0 < lo <= hi:
-        raise ValueError(f"is_bounds must satisfy 0 < lo <= hi, got {is_bounds}")
+        raise BridgeValueError(f"is_bounds must satisfy 0 < lo <= hi, got {is_bounds}")
 
     def total(w: np.ndarray) -> np.ndarray:
         return np.bincount(g, weights=w, minlength=n_groups)[:n_groups]
@@ -114,13 +123,13 @@ def grouped_metrics(
     out: list[dict[str, Any]] = []
     for k in range(n_groups):
         if n[k] == 0:
-            out.append({"tokens": 0, **{name: None for name in METRIC_NAMES[1:]}})
+            out.append({"tokens": 0, **{name: None for name in MISMATCH_METRIC_NAMES[1:]}})
         else:
             out.append({"tokens": int(n[k]), **{name: finite(float(v[k])) for name, v in columns.items()}})
     return out
 
 
-def token_metrics(
+def token_mismatch_metrics(
     replayed: np.ndarray,
     recorded: np.ndarray,
     *,
@@ -130,4 +139,5 @@ def token_metrics(
     """The metrics of one group of tokens (``calls``: call code per token; default: all one call)."""
     rep = np.asarray(replayed)
     c = np.zeros(rep.shape, dtype=np.int64) if calls is None else np.asarray(calls)
-    return grouped_metrics(rep, recorded, np.zeros(rep.shape, dtype=np.int64), 1, calls=c, is_bounds=is_bounds)[0]
+    return grouped_mismatch_metrics(rep, recorded, np.zeros(rep.shape, dtype=np.int64), 1, calls=c,
+                                    is_bounds=is_bounds)[0]

@@ -1,0 +1,273 @@
+"""Shards: listing, the checks every shard passes, supersession by compaction, consistent reads.
+
+Every reader of a tape (``Tape``, ``TapeFollower``, the compactor) learns which shards exist
+here, on any storage (:class:`~recorder.tape._storage.TapeStorage`), and nowhere else:
+
+* **Checks, in one place.** Before a shard's rows are used its footer is read and it must be a
+  gymtape shard (``gymtape.format_version``) of a version this gymtape reads, with every
+  column of the table's schema at its type. Any failure names the shard.
+* **Supersession.** A compacted shard names, in its Parquet key-value metadata
+  (``gymtape.replaces``), the shards whose rows it holds. One listing is one view of the
+  tape: its *live* shards are the listed ones no listed shard replaces. Since a compactor
+  deletes a shard only after publishing its replacement, every row is in exactly one live
+  shard of any listing.
+* **Consistent reads.** A listing is not a snapshot: a compactor may publish a replacement and
+  delete its sources while the listing runs, and the listing may then show neither. So a read
+  lists again afterwards; a new shard that replaces a name the first listing did not cover
+  means a shard was missed, and the read starts over (as it does when a listed shard vanishes
+  before it is read). Both are bounded by :data:`READ_ATTEMPTS`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+import pyarrow as pa
+
+from .._errors import CorruptShardError, TapeError, TapeValueError
+from ._layout import (
+    CALLS_DIR,
+    SHARD_COMPACTED_AT_KEY,
+    SHARD_REPLACES_KEY,
+    SHARD_SUFFIX,
+    SHARD_VERSION_KEY,
+    SHARD_WRITERS_KEY,
+    TABLES,
+    is_published_shard,
+)
+from ._meta import check_version
+from ._schema import SCHEMAS
+from ._storage import Entry, TapeStorage
+
+#: Rows per Parquet row group: small enough to stream, large enough to compress well.
+ROW_GROUP_ROWS = 4096
+#: How many times a read starts over because shards changed under it before giving up.
+READ_ATTEMPTS = 20
+
+
+def parquet_options(table: str) -> dict[str, object]:
+    """How every shard is written, by the writer and the compactor alike."""
+    return {
+        "compression": "zstd",
+        "row_group_size": ROW_GROUP_ROWS,
+        "use_byte_stream_split": ["generation_logprobs"] if table == CALLS_DIR else False,
+    }
+
+
+class ShardVanished(Exception):
+    """A listed shard was deleted (by a compactor) before it was read: list again.
+
+    Internal: every public read catches it and starts over; it never reaches a user."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One published shard, checked."""
+
+    table: str
+    #: Path on the tape's filesystem (a local path for local tapes).
+    path: str
+    rows: int
+    bytes: int
+    #: Writer id in the shard's name (for a compacted shard: the compactor's).
+    writer_id: str
+    #: Shard names (same folder) this compacted shard replaces; empty for a writer's shard.
+    replaces: frozenset[str] = frozenset()
+    #: Writer id -> highest sequence number among its shards whose rows this shard holds. Kept
+    #: by compaction even when it forgets replaced names, so a writer that reuses its id never
+    #: reuses a name (readers that remember names, like the follower, would skip it).
+    writers: Mapping[str, int] = field(default_factory=dict, hash=False)
+    #: When a compacted shard was published (ISO-8601 UTC); None for a writer's shard.
+    compacted_at: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def compacted(self) -> bool:
+        return self.compacted_at is not None
+
+
+@dataclass(frozen=True)
+class ShardListing:
+    """One listing of a table's folder, with supersession applied."""
+
+    table: str
+    #: Every published shard listed, in name order.
+    shards: tuple[ShardInfo, ...]
+    #: The shards a reader reads: those no listed shard replaces (in name order).
+    live: tuple[ShardInfo, ...]
+    #: Listed shards that a live (or superseded) compacted shard replaces: awaiting deletion.
+    superseded: tuple[ShardInfo, ...]
+    names: frozenset[str] = field(default_factory=frozenset)
+    #: Names whose rows the live shards hold: their own and every name they replace.
+    coverage: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, table: str, shards: Iterable[ShardInfo]) -> ShardListing:
+        shards = tuple(sorted(shards, key=lambda s: s.name))
+        replaced: set[str] = set()
+        for s in shards:
+            replaced |= s.replaces
+        live = tuple(s for s in shards if s.name not in replaced)
+        superseded = tuple(s for s in shards if s.name in replaced)
+        coverage = {s.name for s in live}
+        for s in live:
+            coverage |= s.replaces
+        return cls(table, shards, live, superseded, frozenset(s.name for s in shards), frozenset(coverage))
+
+    def missed_by(self, earlier: ShardListing) -> bool:
+        """Whether this later listing shows that ``earlier`` missed a shard: a shard new since
+        ``earlier`` replaces a name whose rows ``earlier``'s live shards do not hold."""
+        return any(s.replaces - earlier.coverage for s in self.shards if s.name not in earlier.names)
+
+
+def writer_of(name: str) -> str:
+    """Writer id in a shard name ``<writer>-<seq>.parquet``."""
+    return name[: -len(SHARD_SUFFIX)].rsplit("-", 1)[0]
+
+
+def seq_of(name: str) -> int:
+    """Sequence number in a shard name ``<writer>-<seq>.parquet`` (-1 if it has none)."""
+    tail = name[: -len(SHARD_SUFFIX)].rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+class ShardCatalog:
+    """The shards of one tape, on any storage: listings, checked shard infos, reads.
+
+    Checked infos are cached by (path, size, mtime), so a shard's footer is read once per
+    catalog however often the folder is listed. Thread-safe.
+    """
+
+    def __init__(self, storage: TapeStorage) -> None:
+        self.storage = storage
+        self._checked: dict[tuple[str, int, int | None], ShardInfo] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ShardCatalog({self.storage.location!r})"
+
+    # -- listings -------------------------------------------------------------------------------
+
+    def listing(self, table: str) -> ShardListing:
+        """List ``table``'s folder once and check every shard in it (re-listing, bounded, when a
+        listed shard vanishes before its footer is read)."""
+        _check_table(table)
+        for _ in range(READ_ATTEMPTS):
+            try:
+                return ShardListing.of(table, [self.check(table, e) for e in self.storage.list(table)
+                                               if is_published_shard(e.name)])
+            except ShardVanished:
+                continue
+        raise self._unsettled(table)
+
+    def settled_listing(self, table: str) -> ShardListing:
+        """A listing confirmed by a second one: no shard was missed (see the module doc)."""
+        _check_table(table)
+        for _ in range(READ_ATTEMPTS):
+            first = self.listing(table)
+            if not self.listing(table).missed_by(first):
+                return first
+        raise self._unsettled(table)
+
+    def check(self, table: str, entry: Entry) -> ShardInfo:
+        """The one shard check: footer readable, a gymtape shard of a readable version, the schema."""
+        key = (entry.path, entry.size, entry.mtime_ns)
+        with self._lock:
+            info = self._checked.get(key)
+        if info is not None:
+            return info
+        where = self.storage.url(entry.path)
+        try:
+            md = self.storage.parquet_file(entry.path).metadata
+            schema = md.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as e:
+            raise self._read_error(entry.path, e) from e
+        meta = schema.metadata or {}
+        version = meta.get(SHARD_VERSION_KEY)
+        if version is None:
+            raise CorruptShardError(where, "it is not a gymtape shard (no gymtape.format_version metadata)")
+        try:
+            check_version(int(version), where)
+        except ValueError as e:
+            raise CorruptShardError(where, f"bad format version {version!r}") from e
+        for f in SCHEMAS[table]:
+            idx = schema.get_field_index(f.name)
+            if idx < 0 or not schema.field(idx).type.equals(f.type):
+                got = "missing" if idx < 0 else str(schema.field(idx).type)
+                raise CorruptShardError(where, f"column {f.name} is {got}, expected {f.type}")
+        try:
+            replaces = frozenset(orjson.loads(meta[SHARD_REPLACES_KEY])) if SHARD_REPLACES_KEY in meta else frozenset()
+            writers = {str(k): int(v) for k, v in orjson.loads(meta[SHARD_WRITERS_KEY]).items()} \
+                if SHARD_WRITERS_KEY in meta else {}
+        except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError) as e:
+            raise CorruptShardError(where, f"unreadable compaction metadata ({e})") from e
+        compacted_at = meta[SHARD_COMPACTED_AT_KEY].decode() if SHARD_COMPACTED_AT_KEY in meta else None
+        own = writer_of(entry.name)
+        if compacted_at is None:
+            writers = {own: seq_of(entry.name)}
+        info = ShardInfo(table, entry.path, md.num_rows, entry.size, own, replaces, writers, compacted_at)
+        with self._lock:
+            self._checked[key] = info
+        return info
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read_shard(self, info: ShardInfo, columns: list[str] | None = None) -> pa.Table:
+        """Read one checked shard (``ShardVanished`` if it was deleted since it was listed)."""
+        try:
+            return self.storage.parquet_file(info.path).read(columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise self._read_error(info.path, e) from e
+
+    def _read_error(self, path: str, error: Exception) -> Exception:
+        """A shard that is gone vanished (object stores report a delete between the open and a
+        ranged GET as a generic I/O error); one that is still there is corrupt."""
+        if isinstance(error, FileNotFoundError) or not self.storage.exists_path(path):
+            return ShardVanished(path)
+        return CorruptShardError(self.storage.url(path), str(error))
+
+    def try_read_shard(self, info: ShardInfo, columns: list[str] | None = None) -> pa.Table | None:
+        """:meth:`read_shard`, or None when the shard was deleted since it was listed (for
+        readers that deduplicate rows themselves and simply list again, like the follower)."""
+        try:
+            return self.read_shard(info, columns)
+        except ShardVanished:
+            return None
+
+    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        """Every row of ``table`` exactly once, as of one settled listing (see the module doc)."""
+        _check_table(table)
+        schema = SCHEMAS[table]
+        for _ in range(READ_ATTEMPTS):
+            try:
+                listing = self.listing(table)
+                parts = [self.read_shard(s, columns) for s in listing.live]
+                if self.listing(table).missed_by(listing):
+                    continue
+            except ShardVanished:
+                continue
+            if not parts:
+                return schema.empty_table() if columns is None else pa.schema([schema.field(c) for c in columns]).empty_table()
+            return pa.concat_tables(parts).replace_schema_metadata(None)
+        raise self._unsettled(table)
+
+    def _unsettled(self, table: str) -> TapeError:
+        return TapeError(
+            f"{self.storage.describe(table)}: the shards changed under the reader {READ_ATTEMPTS} times in a row "
+            "(a compactor deleting shards as they were read); try again, or read after the compaction"
+        )
+
+
+def _check_table(table: str) -> None:
+    if table not in TABLES:
+        raise TapeValueError(f"table must be one of {TABLES}, got {table!r}")
