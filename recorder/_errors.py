@@ -18,7 +18,11 @@ that exist::
     │       └── CompactionBusyError  another compactor is working on the tape
     ├── TapeValueError               a record or argument breaks a tape rule [ValueError]
     ├── WriterClosedError            a closed writer was used
+    ├── TapeWriteError               rows could not be made durable (disk full, permissions); retried [OSError]
     ├── GymFormatError               a Gym JSONL line is malformed (names file and line) [ValueError]
+    ├── CaptureConflictError         a NeMo Gym capture call id was put again with another payload [ValueError]
+    ├── CaptureRetiredError          a NeMo Gym capture rollout was used after its drop [RuntimeError]
+    ├── GymCaptureUnavailableError   nemo_gym 0.7 is not installed: the Gym capture classes cannot run [ImportError]
     ├── TokenizerLoadError           a tokenizer directory cannot be loaded
     ├── ModelUnavailableError        a model is not installed or cannot be built (recorder.serve)
     ├── ServeConfigError             the server cannot start as configured
@@ -96,6 +100,13 @@ class WriterClosedError(GymtapeError):
     """The writer was already closed (or aborted)."""
 
 
+class TapeWriteError(GymtapeError, OSError):
+    """Rows could not be made durable on the tape (disk full, permission, I/O error).
+
+    Nothing is dropped: the rows stay in the writer and the next commit retries them; the
+    message names the file and the cause."""
+
+
 class GymFormatError(GymtapeError, ValueError):
     """A NeMo Gym JSONL line is malformed."""
 
@@ -104,6 +115,19 @@ class GymFormatError(GymtapeError, ValueError):
         self.source = source
         self.line_no = line_no
         self.reason = reason
+
+
+class CaptureConflictError(GymtapeError, ValueError):
+    """A NeMo Gym token-capture entry reuses a recorded model call id with another payload (Gym's
+    rule: a retry resends the identical entry; a rebuilt one is a conflict)."""
+
+
+class CaptureRetiredError(GymtapeError, RuntimeError):
+    """A NeMo Gym token-capture rollout was written to or frozen after its snapshot was dropped."""
+
+
+class GymCaptureUnavailableError(GymtapeError, ImportError):
+    """The NeMo Gym capture classes need ``nemo_gym.token_id_capture`` (nemo-gym 0.7)."""
 
 
 class TokenizerLoadError(GymtapeError):

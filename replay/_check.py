@@ -1,5 +1,17 @@
 """`gymtape check`: structural train-generation consistency checks over a tape (no model needed).
 
+Per rollout row, referential integrity (:func:`recorder.rollout_integrity`, the rule every
+reader shares):
+
+* **missing_calls**: the row says ``num_calls = n`` but some of the call indices ``0 .. n-1``
+  have no call row (fewer rows, or a gap): a model server killed before its calls were durable
+  leaves these. Trainers skip such rollouts; ``gymtape record --resume --retry-failed`` re-runs them.
+* **incomplete**: ``token_status = "incomplete"``, a call that failed to be captured (NeMo
+  Gym's ``mark_incomplete``): never trained on.
+
+A row that a later row of the same (env, task, repeat) replaced (``--retry-failed``) is
+*superseded*: counted, not a problem.
+
 Per call, four checks:
 
 * **re-tokenization**: the generated IDs are decoded and encoded again. A trainer that works
@@ -37,12 +49,15 @@ from typing import Any
 import numpy as np
 import orjson
 
-from recorder import ListColumn, Tape, common_prefix_len, resolve_tokenizer
+from recorder import (INTEGRITY_ROLLOUT_COLUMNS, ListColumn, Tape, broken_rollouts, common_prefix_len,
+                      resolve_tokenizer, rollout_integrity)
 
 SCHEMA_VERSION = 1
 
 #: Problem types, in the order they are reported.
 PROBLEM_TYPES = (
+    "missing_calls",
+    "incomplete",
     "retokenization",
     "retemplate",
     "history",
@@ -104,6 +119,12 @@ class CheckReport:
     tape_tokenizer: dict[str, str] | None
     rollouts: int = 0
     calls: int = 0
+    #: Rollout rows on the tape, and those a retry of the same (env, task, repeat) replaced.
+    rollout_rows: int = 0
+    rollouts_superseded: int = 0
+    #: Every rollout row that points at missing calls or is incomplete, named (see
+    #: :func:`recorder.broken_rollouts`; ``missing_call_indices`` lists the first few gaps).
+    broken_rollouts: list[dict[str, Any]] = field(default_factory=list)
     #: Calls whose request messages are on the tape (the re-templating check ran on them).
     checkable_calls: int = 0
     #: Calls without request messages (ingested Gym rollouts) or without token IDs.
@@ -148,6 +169,11 @@ class CheckReport:
             "tape_tokenizer": self.tape_tokenizer,
             "rollouts": self.rollouts,
             "rollouts_with_problems": sum(not v.ok for v in self.verdicts),
+            "rollout_rows": self.rollout_rows,
+            "rollouts_missing_calls": self.totals["missing_calls"],
+            "rollouts_incomplete": self.totals["incomplete"],
+            "rollouts_superseded": self.rollouts_superseded,
+            "broken_rollouts": list(self.broken_rollouts),
             "calls": self.calls,
             "checkable_calls": self.checkable_calls,
             "not_checkable": self.not_checkable,
@@ -339,12 +365,48 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, ma
         ranges = cols.ranges
         _field_checks(cols, tok, st)
         _walk(cols, tok, _Renderer(tokenizer, tok), st)
+    _integrity(tape, table, ranges, st)
     report.rollouts = len(ranges)
     report.verdicts = [RolloutVerdict(rid, b - a, dict(sorted(st.per_rollout.get(rid, {}).items())))
                        for rid, (a, b) in ranges.items()]
+    # Rollouts flagged with no call on the tape at all have no range: give them a verdict too.
+    report.verdicts += [RolloutVerdict(b["rollout_id"], 0, dict(sorted(st.per_rollout[b["rollout_id"]].items())))
+                        for b in report.broken_rollouts if b["rollout_id"] not in ranges]
     report.examples.sort(key=lambda p: PROBLEM_TYPES.index(p.type))
     report.elapsed_s = time.perf_counter() - t0
     return report
+
+
+def _integrity(tape: Tape, calls: Any, ranges: dict[str, tuple[int, int]], st: _State) -> None:
+    """Rollout rows whose calls are missing, and incomplete ones: one problem per rollout."""
+    rollouts = tape.read("rollouts", INTEGRITY_ROLLOUT_COLUMNS)
+    report = st.report
+    report.rollout_rows = rollouts.num_rows
+    if rollouts.num_rows == 0:
+        return
+    integrity = rollout_integrity(rollouts, calls.select(["rollout_id", "call_index"]))
+    report.rollouts_superseded = int(integrity.superseded.sum())
+    index = calls.column("call_index") if calls.num_rows else None
+    for b in broken_rollouts(rollouts, integrity):
+        rid, n = b["rollout_id"], b["num_calls"]
+        a, z = ranges.get(rid, (0, 0))
+        present = set(index.slice(a, z - a).to_pylist()) if index is not None and z > a else set()
+        b["missing_call_indices"] = [i for i in range(n) if i not in present][:8]
+        report.broken_rollouts.append(b)
+        where = f"{b.get('env') or '-'} task {b.get('task_index')} repeat {b.get('rollout_index')}"
+        if b["problem"] == "incomplete":
+            st.add("incomplete", rid, None, None,
+                   f"rollout ({where}) is marked incomplete: a model call failed to be captured, so its "
+                   "token chain has a hole; trainers skip it. Re-run it: gymtape record --resume --retry-failed",
+                   {k: b[k] for k in ("env", "task_index", "rollout_index", "num_calls", "calls_found") if k in b})
+        else:
+            st.add("missing_calls", rid, None, None,
+                   f"rollout ({where}) says num_calls = {n} but the tape holds {b['calls_found']} of them (missing "
+                   f"call index {', '.join(map(str, b['missing_call_indices']))}{', ...' if n - b['calls_found'] > 8 else ''}"
+                   "): the calls were lost, e.g. a model server killed before they were durable. Trainers skip it; "
+                   "re-run it: gymtape record --resume --retry-failed",
+                   {k: b[k] for k in ("env", "task_index", "rollout_index", "num_calls", "calls_found",
+                                      "missing_call_indices") if k in b})
 
 
 class _Columns:

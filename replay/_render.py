@@ -127,6 +127,12 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         ("shards", ", ".join(f"{t}: {v['count']} ({num(v['bytes'])} B)" for t, v in s["shards"].items())),
         ("writers", f"{len(s['writers']['seen'])} ({len(s['writers']['not_closed'])} not closed cleanly)"),
     ]
+    integrity = s.get("integrity")
+    if integrity is not None:
+        bad = integrity["missing_calls"] + integrity["incomplete"]
+        rows.append(("integrity", ("[red]" if bad else "") +
+                     f"{integrity['missing_calls']:,} rollout(s) missing calls, {integrity['incomplete']:,} incomplete"
+                     + ("[/]" if bad else "") + f", {integrity['superseded']:,} superseded by a retry"))
     if s["temp_files"]:
         rows.append(("temporary files (ignored)", str(len(s["temp_files"]))))
     superseded = s.get("superseded", {})
@@ -145,6 +151,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     if len(s["groups"]) > len(shown):
         groups.caption = f"first {len(shown)} of {s['num_groups']}; --json lists all"
     console.print(groups)
+    if integrity is not None:
+        _print_broken(integrity.get("broken_rollouts") or [], console)
 
 
 def print_check(report: dict[str, Any], console: Console, *, warnings_to: Console | None = None) -> None:
@@ -163,6 +171,10 @@ def print_check(report: dict[str, Any], console: Console, *, warnings_to: Consol
         ("off-policy if re-templated", "-" if frac is None else
          f"{frac:.1%} of {d['checkable_generated_tokens']:,} generated tokens"),
     ]
+    if "rollout_rows" in d:
+        rows.append(("rollout rows", f"{d['rollout_rows']:,} ({d['rollouts_missing_calls']:,} missing calls, "
+                                     f"{d['rollouts_incomplete']:,} incomplete, {d['rollouts_superseded']:,} "
+                                     "superseded by a retry)"))
     rows += [(f"problem: {k}", f"{v:,}") for k, v in d["totals"].items()]
     rows.append(("re-template causes", ", ".join(f"{k}: {v}" for k, v in d["retemplate_categories"].items() if v) or "-"))
     rows.append(("re-tokenization kinds", ", ".join(f"{k}: {v}" for k, v in d["retokenization_kinds"].items() if v) or "-"))
@@ -181,9 +193,27 @@ def print_check(report: dict[str, Any], console: Console, *, warnings_to: Consol
             for side in ("recorded", "template", "generated", "reencoded", "previous", "prompt"):
                 if side in p:
                     ctx.append(f"{side}: {p[side]['text']!r} {p[side]['tokens'][:6]}")
-            where = "-" if p["rollout_id"] is None else f"{p['rollout_id']} #{p['call_index']}"
+            where = "-" if p["rollout_id"] is None else (
+                p["rollout_id"] if p["call_index"] is None else f"{p['rollout_id']} #{p['call_index']}")
             ex.add_row(p["type"], where, p["message"], "\n".join(ctx) or "-")
         console.print(ex)
+    _print_broken(d.get("broken_rollouts") or [], console)
+
+
+def _print_broken(broken: list[dict[str, Any]], console: Console, limit: int = 20) -> None:
+    """Name the rollouts that point at missing calls or are incomplete (check and inspect)."""
+    if not broken:
+        return
+    t = Table(title=f"rollouts missing calls or incomplete ({len(broken)}): trainers skip them; "
+                    "re-run them with gymtape record --resume --retry-failed", title_justify="left")
+    for col in ("rollout", "env / task / repeat", "problem", "calls found / num_calls"):
+        t.add_column(col, overflow="fold")
+    for b in broken[:limit]:
+        t.add_row(str(b["rollout_id"]), f"{b.get('env') or '-'} / {b.get('task_index')} / {b.get('rollout_index')}",
+                  b["problem"], f"{b['calls_found']} / {b['num_calls']}")
+    if len(broken) > limit:
+        t.caption = f"first {limit} of {len(broken)}; --json lists all"
+    console.print(t)
 
 
 # == replay: terminal ========================================================================

@@ -94,3 +94,34 @@ def vllm_upstream(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm"))
     yield server
     server.stop()
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write zeros into ``folder/filler`` until its filesystem is full; returns the file (delete it
+    and the space returns)."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real, tiny filesystem (a 3 MiB tmpfs) to fill up; skipped where mounting needs root."""
+    import os
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from recorder import GymtapeError, Tape
+from recorder import INTEGRITY_CALL_COLUMNS, GymtapeError, Tape, rollout_integrity
 
 from ._advantages import Degenerate, group_advantages
 from ._errors import BridgeValueError
@@ -80,6 +80,17 @@ class TapeDataset(IterableDataset):
 
     Use with ``DataLoader(dataset, batch_size=None, num_workers=...)`` (micro-batches are
     already formed), preferably through :meth:`loader`. Call :meth:`set_epoch` before each epoch.
+
+    Rollouts a trainer must not see are left out before the filters, and counted in
+    :attr:`stats` (``recorder.rollout_integrity``): rows that point at missing calls, incomplete
+    rows (a call failed to be captured), and rows a retry of the same task and repeat superseded.
+
+    Attributes:
+        stats: how the tape's rollout rows were used, each counted once (the counts add up to
+            ``rollouts``): ``rollouts_selected`` (trained on), ``rollouts_superseded``,
+            ``rollouts_incomplete``, ``rollouts_missing_calls``, ``rollouts_filtered`` (by
+            ``filters``), ``rollouts_left_out_by_group`` (``min_group_size``,
+            ``degenerate="drop"``).
     """
 
     def __init__(
@@ -114,8 +125,26 @@ class TapeDataset(IterableDataset):
         self._skip: dict[str, int] = {}
         self._consumed: dict[str, int] = {}
 
-        rollouts = first_row_per_rollout(tape.read("rollouts", ROLLOUT_META_COLUMNS))
+        rollouts = first_row_per_rollout(tape.read("rollouts", [*ROLLOUT_META_COLUMNS, "created_at"]))
+        if cache is None:
+            cache = sum(s.bytes for s in tape.shards("calls")) <= CACHE_AUTO_BYTES
+        # Integrity per rollout (vectorised over the calls' rollout_id and call_index): with the
+        # cache the calls are read once, here, for both; without it only those two columns.
+        all_calls = tape.read("calls", CALL_COLUMNS) if cache and rollouts.num_rows else None
+        integrity = rollout_integrity(
+            rollouts, all_calls if all_calls is not None else
+            (tape.read("calls", INTEGRITY_CALL_COLUMNS) if rollouts.num_rows else pa.table({})))
+        counts = integrity.counts()
+        self.stats: dict[str, int] = {
+            "rollouts": rollouts.num_rows, "rollouts_selected": 0,
+            "rollouts_superseded": counts["superseded"], "rollouts_incomplete": counts["incomplete"],
+            "rollouts_missing_calls": counts["missing_calls"], "rollouts_filtered": 0, "rollouts_left_out_by_group": 0,
+        }
+        sound = integrity.current & ~integrity.missing_calls & ~integrity.incomplete
+        rollouts = (rollouts.filter(pa.array(sound)) if rollouts.num_rows else rollouts).drop_columns(["created_at"])
+        before = rollouts.num_rows
         rollouts = rollouts.filter(pa.array(self.filters.mask(rollouts))) if rollouts.num_rows else rollouts
+        self.stats["rollouts_filtered"] = before - rollouts.num_rows
         # In rollout-id order, not the order rows happen to be stored in: a compacted copy of a
         # tape (rows rewritten in another order) gives the same epochs as the tape it came from.
         rollouts = rollouts.take(pc.sort_indices(rollouts["rollout_id"])) if rollouts.num_rows else rollouts
@@ -135,15 +164,15 @@ class TapeDataset(IterableDataset):
         self._group = gid[sel]
         self._tokens = estimated_tokens(rollouts.take(pa.array(sel, pa.int64()))) if sel.size else np.zeros(0, np.int64)
         self.num_groups = int(np.unique(self._group).size)
+        self.stats["rollouts_selected"] = self.num_rollouts
+        self.stats["rollouts_left_out_by_group"] = rollouts.num_rows - self.num_rollouts
         # With the cache, the selection's sequences are planned once, here, and every epoch and
         # shard packs from memory (DataLoader workers inherit it when they fork). Without it,
         # each shard reads the tape's calls every epoch and keeps nothing.
-        if cache is None:
-            cache = sum(s.bytes for s in tape.shards("calls")) <= CACHE_AUTO_BYTES
         self.cache = cache
         self._full: tuple[SequencePlan, np.ndarray] | None = None
         if cache and self.num_rollouts:
-            calls = tape.read("calls", CALL_COLUMNS)
+            calls = all_calls if all_calls is not None else tape.read("calls", CALL_COLUMNS)
             if self.num_rollouts != rollouts.num_rows:
                 wanted = self._rollouts["rollout_id"].combine_chunks()
                 calls = calls.filter(pc.is_in(calls["rollout_id"], value_set=wanted))

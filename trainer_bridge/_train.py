@@ -188,8 +188,7 @@ class TrainReport:
 def _serve_config(cfg: TrainConfig, model_dir: str, tape: Path) -> ServeConfig:
     """The sampling server's settings: the hf engine on the initial checkpoint, recording to ``tape``."""
     return ServeConfig(engine="hf", model=model_dir, tape=tape, port=cfg.port, dtype=cfg.serve_dtype,
-                       max_batch_size=max(16, min(cfg.concurrency, 64)),
-                       flush_seconds=0.2)  # the follower waits for the calls: write them promptly
+                       max_batch_size=max(16, min(cfg.concurrency, 64)))  # answered calls are on the tape at once
 
 
 # ----------------------------------------------------------------------------- collection

@@ -9,9 +9,16 @@ Sources of rollouts, both producing NeMo Gym rollout lines:
   forward, tool calls executed, verifier reward).
 
 Each line becomes a rollout row plus call rows (recorder._gym.line_to_records). When the model
-server is `gymtape serve` recording into the same tape, its call rows already exist: the
-rollout is joined to them (same rollout id) and no call rows are written twice. The join key
-is the calls' token IDs (docs/record.md).
+server is `gymtape serve` (one replica or several) recording into the same tape, its call rows
+already exist: the rollout is joined to them (same rollout id) and no call rows are written
+twice. The join is resolved on the tape, not by asking a server: the calls' token IDs are
+looked up in the tape's call-key index and the recorded rollout is claimed there, so each
+recorded rollout joins at most one agent rollout, identical greedy repeats included
+(recorder.tape._claims; docs/record.md).
+
+Servers that go away mid-run are waited for (``_servers.ServerGate``, ``server_wait``), not
+turned into a wall of failed rows; ``--resume --retry-failed`` runs again what failed or lost
+its calls, and the new row supersedes the old (``recorder.rollout_integrity``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +40,10 @@ import orjson
 from ._envs import BuiltinEnv, builtin_env
 from .._errors import RecordConfigError
 from ._gym import line_to_records
+from ._servers import ServerGate, server_root
+from ..tape._claims import CallClaims, Chain
+from ..tape._integrity import read_integrity
+from ..tape._keys import KEYS_DIR, KeyIndex, call_key
 from ..tape._reader import Tape
 from ..tape._records import RolloutRecord
 from ..tape._storage import require_posix
@@ -55,10 +67,13 @@ class EnvConfig:
     #: ... or a built-in environment name (see `gymtape record --list-envs`).
     builtin: str | None = None
     #: Built-in envs: the chat-completions base URL (e.g. http://127.0.0.1:8000/v1) and model name.
-    model_url: str | None = None
+    #: Several URLs (replicas): each call of a rollout goes to the next one, round robin.
+    model_url: str | list[str] | None = None
     model: str = "default"
-    #: gymtape serve to join rollouts with (its /gymtape/lookup); default: model_url for built-in envs.
-    server_url: str | None = None
+    #: The gymtape serve replicas the model calls go through (none, one or several): waited for
+    #: when they go away, and checked to record into this tape. The join itself needs none of
+    #: them: it is resolved on the tape. Default for built-in envs: model_url.
+    server_url: str | list[str] | None = None
     #: Sampling overrides: temperature, top_p, max_tokens, seed (one seed for every request).
     sampling: dict[str, Any] = field(default_factory=dict)
     #: Share of this env in the interleaved work order (and under --limit).
@@ -72,6 +87,13 @@ class EnvConfig:
     seed: int | None = None
 
     def validate(self) -> None:
+        for name in ("model_url", "server_url"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, (list, tuple)) and all(isinstance(u, str) and u for u in value)):
+                raise RecordConfigError(f"env {self.name}: {name} must be a URL or a list of URLs, got {value!r}")
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, list(value) or None)
         if (self.agent_url is None) == (self.builtin is None):
             raise RecordConfigError(f"env {self.name}: give exactly one of agent_url or builtin")
         if self.builtin is not None:
@@ -115,6 +137,13 @@ class RecordConfig:
     retries: int = 2
     #: Skip (env, task, repeat) triples already on the tape.
     resume: bool = False
+    #: With ``resume``: also run again every (env, task, repeat) whose rows on the tape are all
+    #: failed, point at missing calls or are incomplete; the new row supersedes the old one
+    #: (``recorder.rollout_integrity``; docs/record.md).
+    retry_failed: bool = False
+    #: Seconds to wait for a model or agent server that stopped answering (connection refused,
+    #: 5xx, timeouts) to come back before the remaining work that needs it fails; 0: at once.
+    server_wait: float = 300.0
     #: Stop after this many rollouts (in the weighted, interleaved order).
     limit: int | None = None
 
@@ -155,7 +184,7 @@ def load_config(path: Path, *, tape: Path | None = None, select: list[str] | Non
     tape_path = tape or (base / data["tape"] if data.get("tape") else None)
     if tape_path is None:
         raise RecordConfigError(f"{path}: no tape given (set `tape:` or pass --tape)")
-    known = {"concurrency", "timeout", "retries", "limit"}
+    known = {"concurrency", "timeout", "retries", "limit", "server_wait"}
     return RecordConfig(tape=Path(tape_path), envs=envs, **{k: v for k, v in data.items() if k in known})
 
 
@@ -165,11 +194,15 @@ class RecordReport:
     truncated: int = 0
     failed: int = 0
     skipped: int = 0
+    #: Of the rollouts run, those whose earlier rows failed or were broken (``retry_failed``).
+    retried: int = 0
     joined: int = 0
     tokens: int = 0
     reward_sum: float = 0.0
     rewarded: int = 0
     elapsed_s: float = 0.0
+    #: Seconds spent waiting for servers that went away (summed over servers).
+    server_wait_s: float = 0.0
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -199,7 +232,16 @@ def rollout_seed(seed: int, env: str, task_index: int, repeat: int) -> int:
 
 
 class _Transient(Exception):
-    """Worth retrying: connection trouble, 5xx, a timeout."""
+    """Worth retrying: connection trouble, 5xx, a timeout. ``url``: the request that failed."""
+
+    def __init__(self, message: str, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+#: Attempts per rollout that may end with its server away (and come back) without counting as
+#: retries: past this, a rollout whose requests keep taking the server down stops being tried.
+MAX_SERVER_AWAY_ATTEMPTS = 10
 
 
 class _Permanent(Exception):
@@ -226,18 +268,16 @@ def work_items(envs: list[EnvConfig]) -> list[WorkItem]:
     return [x[2] for x in keyed]
 
 
-def _base(url: str) -> str:
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+_base = server_root
 
 
 async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
         r = await client.post(url, content=orjson.dumps(body), headers={"content-type": "application/json"})
     except httpx.HTTPError as e:
-        raise _Transient(f"{url}: {type(e).__name__}: {e}") from e
+        raise _Transient(f"{url}: {type(e).__name__}: {e}", url) from e
     if r.status_code >= 500:
-        raise _Transient(f"{url} answered {r.status_code}: {r.text[:300]}")
+        raise _Transient(f"{url} answered {r.status_code}: {r.text[:300]}", url)
     if r.status_code >= 400:
         raise _Permanent(f"{url} answered {r.status_code}: {r.text[:300]}")
     try:
@@ -272,11 +312,12 @@ def _token_fields(resp: dict[str, Any], choice: dict[str, Any], msg: dict[str, A
 
 
 async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig, task: dict[str, Any],
-                      task_index: int, repeat: int, *, seed: int | None = None
+                      task_index: int, repeat: int, *, seed: int | None = None, first_url: int = 0
                       ) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
     """One episode of Gym's simple-agent loop against a chat endpoint; returns (Gym line, join info per call).
     ``seed`` seeds the first call; each later call gets its own seed derived from it (the same
-    seed on every turn would draw the same random numbers each turn)."""
+    seed on every turn would draw the same random numbers each turn). With several model URLs,
+    call ``step`` goes to URL ``first_url + step`` (round robin), as a balancer might send it."""
     rcp = task.get("responses_create_params") or {}
     messages: list[dict[str, Any]] = [
         {"role": m.get("role", "user"), "content": m.get("content")} for m in rcp.get("input", []) if isinstance(m, dict)
@@ -288,6 +329,7 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
     final_text: str | None = None
     status = "completed"
     model_name = cfg.model
+    urls = urls_of(cfg.model_url)
     for step in range(env.max_steps):
         body = {"model": cfg.model, "messages": messages, **params, "logprobs": True, "top_logprobs": 0,
                 "return_tokens_as_token_ids": True, "return_token_ids": True}
@@ -295,7 +337,7 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
             body["seed"] = seed if step == 0 else rollout_seed(seed, "call", step, 0)
         if tools:
             body["tools"] = tools
-        resp = await _post(client, f"{cfg.model_url.rstrip('/')}/chat/completions", body)  # type: ignore[union-attr]
+        resp = await _post(client, f"{urls[(first_url + step) % len(urls)].rstrip('/')}/chat/completions", body)
         try:
             choice = resp["choices"][0]
             msg = choice["message"]
@@ -371,19 +413,14 @@ async def run_agent(client: httpx.AsyncClient, cfg: EnvConfig, task: dict[str, A
     return line
 
 
-async def _lookup(client: httpx.AsyncClient, server_url: str, line: dict[str, Any]) -> list[dict[str, Any] | None]:
-    calls = [{"prompt_token_ids": it["prompt_token_ids"], "generation_token_ids": it["generation_token_ids"]}
-             for it in (line.get("response") or {}).get("output", []) if isinstance(it, dict) and "prompt_token_ids" in it]
-    if not calls:
-        return []
-    try:
-        return (await _post(client, f"{_base(server_url)}/gymtape/lookup", {"calls": calls}))["calls"]
-    except (_Transient, _Permanent, KeyError):
-        return [None] * len(calls)
+def urls_of(value: str | list[str] | None) -> list[str]:
+    """EnvConfig.model_url / server_url as a list (none, one or several URLs)."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def _joined_rollout_id(joins: list[dict[str, Any] | None]) -> str | None:
-    """The server's rollout id when every call was recorded by it as one rollout, in order."""
+    """The server's rollout id when every call was answered as one rollout, in order: the
+    chain the tape-side join tries first (greedy repeats may have crossed; then another)."""
     if not joins or any(j is None for j in joins):
         return None
     ids = {j["rollout_id"] for j in joins}  # type: ignore[index]
@@ -394,30 +431,82 @@ def _joined_rollout_id(joins: list[dict[str, Any] | None]) -> str | None:
 class Recorder:
     """Runs the work list with bounded concurrency and writes each result as it arrives."""
 
-    def __init__(self, config: RecordConfig, *, on_result: Callable[[RecordReport, int], None] | None = None) -> None:
+    def __init__(self, config: RecordConfig, *, on_result: Callable[[RecordReport, int], None] | None = None,
+                 on_message: Callable[[str], None] | None = None) -> None:
         for env in config.envs:
             env.validate()
         if not config.envs:
             raise RecordConfigError("no environments to record (check --select)")
+        if config.retry_failed and not config.resume:
+            raise RecordConfigError("--retry-failed runs again what an earlier run left failed: give --resume too")
+        if config.server_wait < 0:
+            raise RecordConfigError(f"server_wait must be >= 0 seconds, got {config.server_wait}")
         self.config = config
         self.report = RecordReport()
         self.on_result = on_result
+        self.say = on_message or (lambda msg: print(f"gymtape record: {msg}", file=sys.stderr, flush=True))
         self._same_tape: dict[str, bool] = {}
+        self._gates: dict[str, ServerGate] = {}
+        self._joiner: CallClaims | None = None
+        self._rollouts_started = 0
 
     def pending(self) -> list[WorkItem]:
         items = work_items(self.config.envs)
         if self.config.limit is not None:  # the same first N on a resumed run, so it finishes that set
             items = items[: self.config.limit]
         if self.config.resume and (self.config.tape / "tape.json").exists():
-            done = set(Tape(self.config.tape).rollouts().select("env", "task_index", "rollout_index").collect().rows())
+            rows, integrity = read_integrity(Tape(self.config.tape))
+            keys = list(zip(*(rows.column(c).to_pylist() for c in ("env", "task_index", "rollout_index"))))
+            if self.config.retry_failed:
+                # Done: a row that neither failed nor lost calls nor is incomplete. The rest run again.
+                settled = (~integrity.retryable).tolist()
+                done = {k for k, ok in zip(keys, settled) if ok}
+                broken = {k for k, ok in zip(keys, settled) if not ok} - done
+            else:
+                done, broken = set(keys), set()
             before = len(items)
             items = [i for i in items if (i.env.name, i.task_index, i.repeat) not in done]
             self.report.skipped = before - len(items)
+            self.report.retried = sum((i.env.name, i.task_index, i.repeat) in broken for i in items)
+            if self.report.retried:
+                self.say(f"resume: {self.report.retried} rollout(s) that failed or lost calls run again; their new "
+                         "rows supersede the old ones")
         return items
+
+    def _gate(self, url: str, role: str) -> ServerGate:
+        root = server_root(url)
+        if root not in self._gates:
+            self._gates[root] = ServerGate(url, role, self.config.server_wait, self.say)
+        return self._gates[root]
+
+    def _gates_for(self, env: EnvConfig) -> tuple[list[ServerGate], list[ServerGate]]:
+        """The gates of the servers a rollout of ``env`` needs: those it calls (the agent, or the
+        model URLs of a built-in env), and the model servers behind an agent (``server_url``: an
+        agent answers 5xx while they are away). A built-in env's ``server_url`` is only joined
+        with, never needed to run."""
+        if env.agent_url is not None:
+            calls = [self._gate(env.agent_url, "agent")]
+            behind = [self._gate(u, "model") for u in urls_of(env.server_url)]
+        else:
+            calls, behind = [self._gate(u, "model") for u in urls_of(env.model_url)], []
+        return calls, [g for g in behind if g not in calls]
+
+    @staticmethod
+    def _blocked(calls: list[ServerGate], behind: list[ServerGate]) -> str | None:
+        """Why no attempt can succeed: every server the rollout calls is gone (one of several
+        replicas gone leaves the others), or every model server behind its agent is."""
+        for gates in (calls, behind):
+            if gates and all(g.gone is not None for g in gates):
+                return gates[0].gone
+        return None
 
     async def run(self, items: list[WorkItem]) -> RecordReport:
         t0 = time.perf_counter()
-        writer = TapeWriter(self.config.tape, created_by="gymtape record", flush_rows=256, flush_seconds=5.0)
+        self._gates = {}  # asyncio objects belong to this run's event loop
+        # Durable: each rollout row is on the tape (the write-ahead log) before the next work
+        # starts, so a killed recorder loses nothing it reported, and --resume sees it all.
+        writer = TapeWriter(self.config.tape, created_by="gymtape record", flush_rows=4096, flush_seconds=60.0,
+                            durable=True)
         limits = httpx.Limits(max_connections=self.config.concurrency * 2, max_keepalive_connections=self.config.concurrency * 2)
         queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         for it in items:
@@ -432,6 +521,7 @@ class Recorder:
             raise
         writer.close()
         self.report.elapsed_s = time.perf_counter() - t0
+        self.report.server_wait_s = sum(g.waited_s for g in self._gates.values())
         return self.report
 
     async def _worker(self, client: httpx.AsyncClient, queue: asyncio.Queue[WorkItem], writer: TapeWriter) -> None:
@@ -443,45 +533,89 @@ class Recorder:
             self._write(item, await self._attempt(client, item), writer)
 
     async def _attempt(self, client: httpx.AsyncClient, item: WorkItem) -> tuple[dict[str, Any] | None, list[Any], str]:
+        """Run one rollout: retried on transient errors; a server that went away is waited for
+        (its gate) and the attempt it spoiled does not count; a gone server fails it at once."""
+        calls, behind = self._gates_for(item.env)
         reason = ""
-        for attempt in range(self.config.retries + 1):
+        attempt = away = 0
+        while True:
+            gone = self._blocked(calls, behind)
+            if gone is not None:
+                return None, [], gone
             try:
                 return await asyncio.wait_for(self._one(client, item), self.config.timeout) + ("",)  # type: ignore[return-value]
             except (_Transient, asyncio.TimeoutError) as e:
                 reason = str(e) or f"timed out after {self.config.timeout:g} s"
-                if attempt < self.config.retries:
-                    await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (1 + random.random()))
+                # Probe the server the failed request went to (and, for an agent, the model
+                # servers behind it); a timeout names none: probe them all.
+                url = getattr(e, "url", None) or ""
+                hit = [g for g in calls + behind if url == server_root(g.url) or url.startswith(server_root(g.url) + "/")]
+                probe = (hit + (behind if hit and hit[0] in calls else [])) if hit else calls + behind
+                verdicts = [await g.after_failure(client, reason) for g in probe]
+                if "back" in verdicts and away < MAX_SERVER_AWAY_ATTEMPTS:
+                    away += 1
+                    continue
+                if self._blocked(calls, behind) is not None:
+                    continue  # fails with the gone server's reason above
+                if attempt >= self.config.retries:
+                    break
+                await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (1 + random.random()))
+                attempt += 1
             except _Permanent as e:
                 reason = str(e)
                 break
         return None, [], reason
 
-    async def _records_here(self, client: httpx.AsyncClient, server_url: str | None) -> bool:
-        """Whether the model server is a gymtape serve recording into this very tape (then join)."""
-        if server_url is None:
-            return False
-        if server_url not in self._same_tape:
-            try:
-                r = await client.get(f"{_base(server_url)}/health")
-                tape = r.json().get("recording", {}).get("tape") if r.status_code == 200 else None
-            except (httpx.HTTPError, ValueError, AttributeError):
-                tape = None
-            self._same_tape[server_url] = tape is not None and Path(tape) == self.config.tape.resolve()
-        return self._same_tape[server_url]
+    async def _check_server(self, client: httpx.AsyncClient, server_url: str) -> None:
+        """Say once when a gymtape serve named for this env records elsewhere (or nothing): the
+        calls of rollouts through it cannot be joined and are written again here. Joining itself
+        never depends on this answer (it is resolved on the tape)."""
+        if server_url in self._same_tape:
+            return
+        try:
+            r = await client.get(f"{_base(server_url)}/health")
+        except httpx.HTTPError:
+            return  # not known yet: ask again next time (the server may be restarting)
+        if r.status_code >= 500:
+            return
+        try:
+            recording = r.json().get("recording") if r.status_code == 200 else None
+        except (ValueError, AttributeError):  # not a gymtape serve (vLLM answers an empty 200)
+            recording = None
+        tape = recording.get("tape") if isinstance(recording, dict) else None
+        same = tape is not None and Path(tape) == self.config.tape.resolve()
+        self._same_tape[server_url] = same
+        if isinstance(recording, dict) and not same:  # a gymtape serve (others have no `recording`)
+            self.say(f"{server_url} records {'into ' + tape if tape else 'no tape'}, not into {self.config.tape}: "
+                     "the calls of rollouts through it are written by gymtape record (give both the same --tape "
+                     "to store them once)")
 
     async def _one(self, client: httpx.AsyncClient, item: WorkItem) -> tuple[dict[str, Any], list[Any]]:
         env = item.env
-        server = env.server_url or (env.model_url if env.builtin is not None else None)
-        join = await self._records_here(client, server)
+        servers = urls_of(env.server_url) or (urls_of(env.model_url) if env.builtin is not None else [])
         if env.builtin is not None:
+            self._rollouts_started += 1
             line, joins = await run_builtin(client, builtin_env(env.builtin), env, item.task, item.task_index, item.repeat,
-                                            seed=item.seed)
-            if join and any(j is None for j in joins):
-                joins = await _lookup(client, server, line)  # type: ignore[arg-type]
+                                            seed=item.seed, first_url=self._rollouts_started)
         else:
             line = await run_agent(client, env, item.task, item.task_index, item.repeat, seed=item.seed)
-            joins = await _lookup(client, server, line) if join else []  # type: ignore[arg-type]
-        return line, joins if join else []
+            joins = []
+        # Asked after the rollout ran: the server has just answered, so its /health does too
+        # (asked before, a server coming back from a restart could not say which tape it records).
+        for url in servers:
+            await self._check_server(client, url)
+        return line, joins
+
+    def _join(self, calls: list[Any], joins: list[Any]) -> Chain | None:
+        """Claim the rollout a gymtape serve recorded these calls as, on the tape (None: none did)."""
+        if not calls:
+            return None
+        if self._joiner is None:
+            if not (self.config.tape / KEYS_DIR).is_dir():
+                return None  # no gymtape serve records into this tape (yet)
+            self._joiner = CallClaims(self.config.tape, KeyIndex(self.config.tape), scan_evicted=True)
+        keys = [call_key(c.prompt_ids, c.generation_ids) for c in calls]
+        return self._joiner.join(keys, prefer=_joined_rollout_id(joins))
 
     def _write(self, item: WorkItem, result: tuple[dict[str, Any] | None, list[Any], str], writer: TapeWriter) -> None:
         line, joins, reason = result
@@ -492,6 +626,7 @@ class Recorder:
                 rollout_id=uuid.uuid4().hex, env=item.env.name, task_index=item.task_index, rollout_index=item.repeat,
                 group_key=f"{item.env.name}#{item.task_index}", status="failed", status_reason=reason[:2000],
                 input=rcp, source=f"gymtape record: {item.env.agent_url or item.env.builtin}"))
+            writer.commit()
             r.failed += 1
             r.failures.append(f"{item.env.name} task {item.task_index} repeat {item.repeat}: {reason[:300]}")
         else:
@@ -499,14 +634,14 @@ class Recorder:
             rollout, calls = line_to_records(raw, orjson.loads(raw), f"gymtape record: {item.env.agent_url or item.env.builtin}")
             rollout.env = item.env.name
             rollout.group_key = f"{item.env.name}#{item.task_index}"
-            joined = _joined_rollout_id(joins)
+            joined = self._join(calls, joins)
             if joined is not None:
                 # gymtape serve recorded these calls: point the rollout at them instead of copying them.
-                rollout.rollout_id = joined
+                rollout.rollout_id = joined.rollout_id
                 rollout.num_calls = len(calls)
                 rollout.prompt_tokens = sum(len(c.prompt_ids) for c in calls)
                 rollout.generation_tokens = sum(len(c.generation_ids) for c in calls)
-                versions = [j["policy_version"] for j in joins]
+                versions = [e.policy_version for e in joined.calls]
                 rollout.min_policy_version, rollout.max_policy_version = min(versions), max(versions)
                 rollout.token_status = "ok" if all(len(c.generation_ids) for c in calls) else "partial"
                 r.joined += 1
@@ -514,6 +649,7 @@ class Recorder:
                 for c in calls:
                     writer.add_call(c)
             writer.add_rollout(rollout)
+            writer.commit()
             r.tokens += sum(len(c.generation_ids) for c in calls)
             if rollout.status == "truncated":
                 r.truncated += 1
@@ -527,9 +663,12 @@ class Recorder:
 
 
 def record(config: RecordConfig, *, on_result: Callable[[RecordReport, int], None] | None = None,
-           on_start: Callable[[int, int], None] | None = None) -> RecordReport:
-    """Collect every pending (env, task, repeat) into the tape; see :class:`Recorder`."""
-    rec = Recorder(config, on_result=on_result)
+           on_start: Callable[[int, int], None] | None = None,
+           on_message: Callable[[str], None] | None = None) -> RecordReport:
+    """Collect every pending (env, task, repeat) into the tape; see :class:`Recorder`.
+    ``on_message`` gets what a user should read now (a server went away, came back, is gone;
+    rollouts run again); default: standard error."""
+    rec = Recorder(config, on_result=on_result, on_message=on_message)
     items = rec.pending()
     if on_start is not None:
         on_start(len(items), rec.report.skipped)

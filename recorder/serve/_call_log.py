@@ -5,22 +5,39 @@ the (prompt, generation) IDs of an earlier call continues that call's rollout; a
 starts a new rollout. The IDs are the join key, so no client cooperation (session headers,
 ids) is needed and a client that rewrote history still lands in the right rollout.
 
-Rows go through a queue to one writer thread, so a response never waits on Parquet or disk.
+A call is answered only once it is on the tape: the request hands its row to one committer
+thread and awaits it. The committer adds every row that arrived meanwhile to a durable
+:class:`~recorder.TapeWriter` and commits them together (one fsync for the group), so the
+write-ahead log holds an answered call before the answer leaves. When the row cannot be written
+(a value that does not fit, a full disk) the request fails with :class:`RecordingError` (a 503
+to the client) and nothing of it is on the tape; the failure is counted for ``/health`` and the
+next commit tries again. The committer thread catches everything: it cannot die.
+
+With a tape, rollout assignment is resolved on the tape, not in this process's memory, so
+several replicas can capture into one tape and a continuation may arrive at any of them: each
+recorded call's key goes to this writer's file of the tape's call-key index
+(``recorder.tape._keys``) in the same commit, written and fsynced alongside the log (the two
+fsyncs overlap), and a continuation claims the recorded call it continues with a no-clobber
+file (``recorder.tape._claims``), so identical greedy calls are continued once each, oldest
+first, whichever replica recorded them. A replica continuing another's rollout has no delta
+state for it and stores the call's full prompt.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import queue
 import sys
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
+from .._errors import TapeValueError
+from ..tape._claims import CallClaims, Claim
+from ..tape._keys import KeyEntry, KeyIndex, KeyLog, call_key, now_ns
 from ..tape._meta import TokenizerIdentity
 from ..tape._records import CallRecord
 from ..tape._writer import TapeWriter
@@ -28,33 +45,52 @@ from ..tape._writer import TapeWriter
 _STOP = object()
 
 
-def call_key(prompt_ids: Sequence[int], generation_ids: Sequence[int]) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(np.asarray(prompt_ids, dtype=np.int32).tobytes())
-    h.update(b"|")
-    h.update(np.asarray(generation_ids, dtype=np.int32).tobytes())
-    return h.digest()
+class RecordingError(Exception):
+    """The call was not recorded (it was not acknowledged either): answered 503."""
+
+
+__all__ = ["CallLog", "RecordingError", "call_key"]
 
 
 class CallLog:
     """Assigns calls to rollouts and hands finished calls to a background tape writer."""
 
     def __init__(self, tape: Path | None, *, tokenizer: TokenizerIdentity | None = None,
-                 writer_id: str | None = None, max_tracked: int = 65_536, flush_seconds: float = 5.0) -> None:
+                 writer_id: str | None = None, max_tracked: int = 65_536, flush_seconds: float = 60.0) -> None:
         # key -> calls with these exact IDs not yet continued (FIFO), and the latest of them;
         # a list, not a deque: nearly every key is seen once, and a deque costs ~600 B more
         self._known: OrderedDict[bytes, tuple[list[tuple[str, int, int]], tuple[str, int, int]]] = OrderedDict()
         self._max = max_tracked
         self._lock = threading.Lock()
+        #: Calls that could not be recorded (each answered 503), and the last reason.
         self.errors = 0
+        self.last_error: str | None = None
+        #: False from a failed write until the next successful commit.
+        self.ok = True
         self.recorded = 0
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.writer: TapeWriter | None = None
         self._thread: threading.Thread | None = None
         if tape is not None:
+            # flush_seconds: how old a log segment gets before it is sealed into a shard; the
+            # rows are durable from their commit on, so this only sets the shards' size.
             self.writer = TapeWriter(tape, writer_id=writer_id, tokenizer=tokenizer, created_by="gymtape serve",
-                                     flush_seconds=flush_seconds, flush_rows=4096, handle_signals=False)
-            self._thread = threading.Thread(target=self._drain, name="gymtape-recorder", daemon=True)
+                                     flush_seconds=flush_seconds, flush_rows=4096, handle_signals=False, durable=True)
+        # The tape-side call-key index and claims (None without a tape: assignment in memory).
+        self.keys: KeyLog | None = None
+        self.index: KeyIndex | None = None
+        self.claims: CallClaims | None = None
+        self._claimed: dict[tuple[str, int], Claim] = {}  # (rollout, new call index) -> its claim
+        self._written: OrderedDict[str, int] = OrderedDict()  # rollout -> last call index this writer wrote
+        if self.writer is not None:
+            assert self.writer.path is not None
+            self.keys = KeyLog(self.writer.path, self.writer.writer_id)
+            self.index = KeyIndex(self.writer.path, own=self.writer.writer_id, max_keys=4 * max_tracked)
+            self.claims = CallClaims(self.writer.path, self.index)
+            self.index.refresh()  # the calls other replicas recorded before this one started
+            self._keys_pool = ThreadPoolExecutor(1, thread_name_prefix="gymtape-keys")
+            self._settle_pool = ThreadPoolExecutor(1, thread_name_prefix="gymtape-claims")
+            self._thread = threading.Thread(target=self._commit_loop, name="gymtape-recorder", daemon=True)
             self._thread.start()
 
     def assign(self, anchor: tuple[Sequence[int], Sequence[int]] | None) -> tuple[str, int]:
@@ -63,8 +99,16 @@ class CallLog:
         Identical calls in several rollouts (greedy repeats of one task) share a key; each
         continuation takes the oldest one not yet continued, so concurrent repeats stay apart.
         A second continuation of the same call (a client retry, a branch) reuses the latest.
+        With a tape this holds across every process capturing into it (:class:`CallClaims`).
         """
-        if anchor is not None:
+        if anchor is not None and self.claims is not None:
+            claim = self.claims.continue_call(call_key(*anchor))
+            if claim is not None:
+                if claim.path is not None:
+                    with self._lock:
+                        self._claimed[(claim.rollout_id, claim.call_index + 1)] = claim
+                return claim.rollout_id, claim.call_index + 1
+        elif anchor is not None:
             with self._lock:
                 entry = self._known.get(call_key(*anchor))
                 hit = (entry[0].pop(0) if entry[0] else entry[1]) if entry is not None else None
@@ -74,6 +118,9 @@ class CallLog:
 
     def remember(self, prompt_ids: Sequence[int], generation_ids: Sequence[int], rollout_id: str, call_index: int,
                  policy_version: int = 0) -> None:
+        """Track a call for continuations (without a tape; with one, :meth:`record` indexed it)."""
+        if self.index is not None:
+            return
         key = call_key(prompt_ids, generation_ids)
         call = (rollout_id, call_index, policy_version)
         with self._lock:
@@ -86,36 +133,169 @@ class CallLog:
                 self._known.popitem(last=False)
 
     def lookup(self, prompt_ids: Sequence[int], generation_ids: Sequence[int]) -> tuple[str, int, int] | None:
-        """(rollout id, call index, policy version) of a call this server made, if still tracked."""
+        """(rollout id, call index, policy version) of a recorded call (with a tape: any replica's;
+        the most recent of identical ones), if still tracked."""
+        if self.index is not None:
+            key = call_key(prompt_ids, generation_ids)
+            hits = self.index.candidates(key)
+            if not hits:
+                self.index.refresh()
+                hits = self.index.candidates(key)
+            return (hits[-1].rollout_id, hits[-1].call_index, hits[-1].policy_version) if hits else None
         with self._lock:
             entry = self._known.get(call_key(prompt_ids, generation_ids))
             return entry[1] if entry is not None else None
 
-    def submit(self, record: CallRecord) -> None:
-        if self.writer is not None:
-            self._queue.put(record)
+    def lookup_calls(self, calls: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[str, int, int] | None]:
+        """Per call, the recorded call it is: with a tape, the calls of one recorded rollout in
+        order when there is one (preferring one no agent rollout joined yet), else each call's
+        most recent match."""
+        if self.claims is not None and calls:
+            chain = self.claims.find([call_key(p, g) for p, g in calls])
+            if chain is not None:
+                return [(chain.rollout_id, e.call_index, e.policy_version) for e in chain.calls]
+        return [self.lookup(p, g) for p, g in calls]
+
+    def unassign(self, anchor: tuple[Sequence[int], Sequence[int]] | None, rollout_id: str, call_index: int) -> None:
+        """Give back a continuation :meth:`assign` handed out for a call that was not recorded,
+        so the client's retry continues the same call."""
+        if anchor is None or call_index == 0:
+            return
+        if self.claims is not None:
+            with self._lock:
+                claim = self._claimed.pop((rollout_id, call_index), None)
+            if claim is not None:
+                self.claims.release(claim)
+            return
+        with self._lock:
+            entry = self._known.get(call_key(*anchor))
+            if entry is not None and all(c[0] != rollout_id for c in entry[0]):
+                entry[0].insert(0, (rollout_id, call_index - 1, entry[1][2]))
+
+    async def record(self, record: CallRecord) -> None:
+        """Return once the call is durable on the tape; :class:`RecordingError` if it cannot be."""
+        if self.writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._queue.put((record, done, loop))
+        await done
 
     @property
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def _drain(self) -> None:
+    def _commit_loop(self) -> None:
+        """Group commit: take every queued call, add them, one commit, answer them all."""
         assert self.writer is not None
         while True:
-            item = self._queue.get()
-            if item is _STOP:
+            first = self._queue.get()
+            if first is _STOP:
                 return
+            group = [first]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                group.append(nxt)
             try:
-                self.writer.add_call(item)  # type: ignore[arg-type]
-                self.recorded += 1
-            except Exception as e:  # keep serving; the count shows in /health
-                self.errors += 1
-                print(f"gymtape serve: could not record call: {e}", file=sys.stderr)
+                self._commit_group(group)
+            except BaseException as e:  # never die: fail what is left of the group and go on
+                for _, done, loop in group:  # type: ignore[misc]
+                    _settle(loop, done, RecordingError(f"internal error while recording: {e!r}"))
+                self._note_failure(f"internal error while recording: {e!r}")
+
+    def _commit_group(self, group: list) -> None:
+        assert self.writer is not None
+        added = []
+        entries: list[tuple[bytes, KeyEntry]] = []
+        for record, done, loop in group:
+            try:
+                self._fresh_delta(record.rollout_id, record.call_index)
+                self.writer.add_call(record)
+                added.append((done, loop))
+                entries.append((call_key(record.prompt_ids, record.generation_ids),
+                                KeyEntry(now_ns(), record.rollout_id, record.call_index, record.policy_version)))
+            except TapeValueError as e:  # this call's value cannot be stored: only it fails
+                self._note_failure(str(e))
+                _settle(loop, done, RecordingError(f"the call could not be recorded: {e}"))
+        if not added:
+            return
+        # The calls' index entries are written and fsynced while the log commits: one fsync's time.
+        indexed: Future[None] | None = self._keys_pool.submit(self.keys.append, entries) if self.keys else None
+        try:
+            self.writer.commit()
+        except Exception as e:
+            if indexed is not None and indexed.exception() is None and self.keys is not None:
+                self.keys.retract(entries)  # not recorded: no replica may continue them
+            self._note_failure(str(e), count=len(added))
+            for done, loop in added:
+                _settle(loop, done, RecordingError(f"the call could not be recorded: {e}"))
+            return
+        failed = indexed.exception() if indexed is not None else None
+        if failed is not None:
+            # On the tape but not findable by other replicas or the recorder: not acknowledged.
+            message = f"the call could not be added to the tape's call-key index: {failed}"
+            self._note_failure(message, count=len(added))
+            for done, loop in added:
+                _settle(loop, done, RecordingError(message))
+            return
+        if self.index is not None:
+            self.index.add_local(entries)
+        self.recorded += len(added)
+        self.ok = True
+        for done, loop in added:
+            _settle(loop, done, None)
+        if self.claims is not None:  # the continuations are in the index now: their claim files can go
+            with self._lock:
+                settled = [c for c in (self._claimed.pop((e.rollout_id, e.call_index), None) for _, e in entries) if c]
+            if settled:
+                self._settle_pool.submit(self.claims.settle, settled)
+
+    def _fresh_delta(self, rollout_id: str, call_index: int) -> None:
+        """Store the call's full prompt unless this writer wrote the rollout's previous call:
+        the previous call may be another replica's (or this one a branch), and a prompt is
+        delta-encoded against the call before it on the tape, not against this writer's last."""
+        if self.keys is None or self.writer is None:
+            return
+        if call_index > 0 and self._written.get(rollout_id) != call_index - 1:
+            self.writer.continue_from(rollout_id, None)
+        self._written[rollout_id] = call_index
+        self._written.move_to_end(rollout_id)
+        if len(self._written) > self._max:
+            self._written.popitem(last=False)
+
+    def _note_failure(self, message: str, count: int = 1) -> None:
+        self.errors += count
+        self.last_error = message
+        self.ok = False
+        print(f"gymtape serve: {message}", file=sys.stderr)
 
     def close(self) -> None:
-        """Write everything queued, then close the tape writer (publishes its manifest)."""
+        """Record everything queued, then close the tape writer (seals its log, publishes its manifest)."""
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join()
+        if self.keys is not None:
+            self._keys_pool.shutdown(wait=True)
+            self._settle_pool.shutdown(wait=True)
+            self.keys.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _settle(loop: asyncio.AbstractEventLoop, done: asyncio.Future, error: BaseException | None) -> None:
+    def settle() -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass

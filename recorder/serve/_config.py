@@ -62,9 +62,10 @@ class ServeConfig:
     served_model_name: str | None = None
     #: Policy version stamped on calls until /admin/weights changes it.
     policy_version: int = 0
-    #: Seconds a recorded call may wait in memory before it is written (what a live tape
-    #: follower, e.g. `gymtape train`, waits for at most).
-    flush_seconds: float = 5.0
+    #: Seconds before the write-ahead log's rows are sealed into a Parquet shard. Calls are
+    #: durable and visible to every reader as soon as they are answered; this only sets how
+    #: large shards grow (larger: fewer, bigger shards).
+    flush_seconds: float = 60.0
     #: vllm: seconds to wait for the upstream's answer before a 504.
     upstream_timeout: float = 600.0
     #: vllm without --upstream: port and log of the supervised vLLM.

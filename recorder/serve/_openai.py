@@ -3,10 +3,16 @@
 Requests are parsed from raw JSON (orjson) and checked by hand rather than through pydantic
 models: it is faster on the hot path, and every rule produces the exact OpenAI-style error a
 client needs (`{"error": {"message", "type", "param", "code"}}`) naming the offending field.
+
+Every value that ends up in a tape column is range-checked here, against that column's type
+(`recorder/tape/_schema.py`): a value that does not fit is a 400 naming the field, never a
+200 whose row then cannot be written.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +22,12 @@ from .engines._protocol import SamplingParams
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# Limits of the tape columns the request fields land in (recorder/tape/_schema.py).
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Largest finite float32 (token logprobs are stored as float32).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class APIError(Exception):
@@ -63,10 +75,40 @@ def parse_json(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if "infinity" not in str(e):
+            raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        _raise_non_finite(body, e)
     if not isinstance(data, dict):
         raise APIError(f"the request body must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def _raise_non_finite(body: bytes, error: orjson.JSONDecodeError) -> None:
+    """A number like 1e400 overflows a double: orjson only says where, so parse again (stdlib,
+    off the hot path: only bodies that are errors anyway get here) to name the field."""
+    def reject(constant: str) -> float:  # NaN / Infinity literals are not JSON either
+        raise ValueError(constant)
+
+    try:
+        path = _first_non_finite(json.loads(body, parse_constant=reject), "")
+    except (ValueError, RecursionError):  # not JSON after all, or nested deeper than we walk
+        path = None
+    if path is None:
+        raise APIError(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    raise APIError(f"{path} is a number too large for a 64-bit float ({error}); numbers must be finite",
+                   param=path) from None
+
+
+def _first_non_finite(v: Any, path: str) -> str | None:
+    if isinstance(v, float):
+        return path if not math.isfinite(v) else None
+    if isinstance(v, dict):
+        children = ((f"{path}.{k}" if path else k, x) for k, x in v.items())
+    elif isinstance(v, list):
+        children = ((f"{path}[{i}]", x) for i, x in enumerate(v))
+    else:
+        return None
+    return next((hit for p, x in children if (hit := _first_non_finite(x, p)) is not None), None)
 
 
 def _number(d: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -78,14 +120,23 @@ def _number(d: dict[str, Any], key: str, default: float, lo: float, hi: float) -
     return float(v)
 
 
-def _int(d: dict[str, Any], key: str, lo: int, hi: int | None = None) -> int | None:
+def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    """An integer field; ``hi`` is the most its tape column (or engine) holds."""
     v = d.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        rule = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise APIError(f"{key} must be an integer {rule}, got {v!r}", param=key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise APIError(f"{key} must be an integer in [{lo}, {hi}], got {v!r}", param=key)
     return v
+
+
+def _flag(d: dict[str, Any], key: str) -> bool:
+    v = d.get(key)
+    if v is None or v is True or v is False:
+        return bool(v)
+    if type(v) is int and v in (0, 1):
+        return bool(v)
+    raise APIError(f"{key} must be true or false, got {v!r}", param=key)
 
 
 def _content_text(content: Any, where: str) -> str | None:
@@ -111,17 +162,24 @@ def _token_fields(m: dict[str, Any], where: str, vocab_size: int) -> None:
         missing = [f for f in TOKEN_FIELDS if f not in present]
         raise APIError(f"{where} carries {', '.join(present)} but not {', '.join(missing)}; send all three "
                        "fields exactly as the previous response returned them", param=where)
+    # Checked at C speed (set/map/min/max), not per element in Python: these lists are as long as
+    # the conversation and arrive on every call of it.
+    limit = min(vocab_size, INT32_MAX + 1)  # token IDs are int32 on the tape
     for f in ("prompt_token_ids", "generation_token_ids"):
         ids = m[f]
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, list) or not set(map(type, ids)) <= {int}:
             raise APIError(f"{where}.{f} must be a list of integers", param=f"{where}.{f}")
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise APIError(f"{where}.{f} holds token ID {bad}, outside this model's vocabulary [0, {vocab_size})",
+        if ids and (min(ids) < 0 or max(ids) >= limit):
+            bad = next(t for t in ids if not 0 <= t < limit)
+            raise APIError(f"{where}.{f} holds token ID {bad}, outside this model's vocabulary [0, {limit})",
                            param=f"{where}.{f}")
     lp = m["generation_log_probs"]
-    if not isinstance(lp, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lp):
+    if not isinstance(lp, list) or not set(map(type, lp)) <= {int, float}:
         raise APIError(f"{where}.generation_log_probs must be a list of numbers", param=f"{where}.generation_log_probs")
+    if lp and not (all(map(math.isfinite, lp)) and -FLOAT32_MAX <= min(lp) and max(lp) <= FLOAT32_MAX):
+        bad = next(x for x in lp if not (math.isfinite(x) and -FLOAT32_MAX <= x <= FLOAT32_MAX))
+        raise APIError(f"{where}.generation_log_probs holds {bad!r}; logprobs must be finite numbers within "
+                       "float32 range, as the previous response returned them", param=f"{where}.generation_log_probs")
     if len(lp) != len(m["generation_token_ids"]):
         raise APIError(f"{where}: generation_token_ids has {len(m['generation_token_ids'])} entries but "
                        f"generation_log_probs has {len(lp)}; they must be the same length", param=where)
@@ -186,7 +244,7 @@ def parse_chat(data: dict[str, Any], *, vocab_size: int, for_tokenize: bool = Fa
     messages = _messages(data, vocab_size)
     tools = _tools(data)
     n = data.get("n")
-    if n not in (None, 1):
+    if n is not None and not (type(n) is int and n == 1):
         raise APIError(f"n must be 1 (got {n!r}): request several completions as separate calls", param="n")
     for key, neutral in _UNSUPPORTED.items():
         v = data.get(key)
@@ -199,14 +257,19 @@ def parse_chat(data: dict[str, Any], *, vocab_size: int, for_tokenize: bool = Fa
     choice = data.get("tool_choice")
     if choice not in (None, "auto", "none"):
         raise APIError(f"tool_choice {choice!r} is not supported; use 'auto' or 'none'", param="tool_choice")
-    max_tokens = _int(data, "max_completion_tokens", 1) or _int(data, "max_tokens", 1)
+    # both checked even when both are sent: the first one wins, neither may be out of range
+    max_completion_tokens = _int(data, "max_completion_tokens", 1, INT32_MAX)
+    max_tokens = _int(data, "max_tokens", 1, INT32_MAX)
+    if max_completion_tokens is not None:
+        max_tokens = max_completion_tokens
     stop_ids = data.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in stop_ids):
-        raise APIError("stop_token_ids must be a list of token IDs in the vocabulary", param="stop_token_ids")
+    if not isinstance(stop_ids, list) or not all(type(t) is int and 0 <= t < vocab_size for t in stop_ids):
+        raise APIError(f"stop_token_ids must be a list of token IDs in the vocabulary [0, {vocab_size})",
+                       param="stop_token_ids")
     kwargs = data.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise APIError("chat_template_kwargs must be an object", param="chat_template_kwargs")
-    stream = data.get("stream") or False
+    stream = _flag(data, "stream")
     if stream and not for_tokenize:
         raise APIError("stream=true is not supported yet; send stream=false", param="stream")
     return ChatRequest(
@@ -216,10 +279,11 @@ def parse_chat(data: dict[str, Any], *, vocab_size: int, for_tokenize: bool = Fa
         max_tokens=max_tokens,
         temperature=_number(data, "temperature", 1.0, 0.0, 100.0),
         top_p=_number(data, "top_p", 1.0, 1e-9, 1.0),
-        top_k=_int(data, "top_k", -1) if data.get("top_k") is not None else -1,  # type: ignore[arg-type]
-        seed=_int(data, "seed", -(2**63)),
+        top_k=_int(data, "top_k", -1, INT32_MAX) if data.get("top_k") is not None else -1,  # type: ignore[arg-type]
+        # int64 on the tape, and exactly the range vLLM accepts
+        seed=_int(data, "seed", INT64_MIN, INT64_MAX),
         stop_token_ids=tuple(stop_ids),
-        logprobs=bool(data.get("logprobs")),
+        logprobs=_flag(data, "logprobs"),
         return_tokens_as_token_ids=bool(data.get("return_tokens_as_token_ids")),
         chat_template_kwargs=kwargs,
         add_generation_prompt=bool(data.get("add_generation_prompt", True)),

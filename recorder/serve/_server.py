@@ -8,6 +8,7 @@ only ever sees token IDs, so no engine re-tokenizes what the model produced.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 import uuid
@@ -20,13 +21,13 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ._call_log import CallLog
+from ._call_log import CallLog, RecordingError
 from ._config import ServeConfig, ServeConfigError
 from .engines._protocol import Engine, EngineError
 from ..tape._storage import write_bytes_atomic
 from ..tape._layout import RUNS_DIR
 from ..tape._meta import tokenizer_identity
-from ._openai import APIError, ChatRequest, parse_chat, parse_json
+from ._openai import INT64_MAX, APIError, ChatRequest, parse_chat, parse_json
 from ._parsers import TOOL_PARSERS, split_reasoning
 from ._prompting import PromptBuilder
 from ..tape._records import CallRecord
@@ -79,9 +80,18 @@ class GymtapeServer:
         req = parse_chat(parse_json(await request.body()), vocab_size=self.builder.vocab_size)
         prompt = self.builder.build(req.messages, req.tools, req.chat_template_kwargs)
         max_tokens = self.max_tokens_for(req, len(prompt.ids))
-        gen = await self.engine.generate(prompt.ids, req.sampling(max_tokens, self.stop_ids))
-        rollout_id, call_index = self.log.assign(prompt.anchor)
-        self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, self.policy_version)
+        if prompt.anchor is None:  # a new rollout: nothing to look up or claim
+            gen = await self.engine.generate(prompt.ids, req.sampling(max_tokens, self.stop_ids))
+            rollout_id, call_index = self.log.assign(None)
+        else:  # the continuation's claim (tape index, a claim file) runs while the engine generates
+            claim = asyncio.ensure_future(asyncio.to_thread(self.log.assign, prompt.anchor))
+            try:
+                gen = await self.engine.generate(prompt.ids, req.sampling(max_tokens, self.stop_ids))
+            except BaseException:
+                rollout_id, call_index = await claim
+                self.log.unassign(prompt.anchor, rollout_id, call_index)
+                raise
+            rollout_id, call_index = await claim
         message, finish = self._message(gen.token_ids, gen.finish_reason)
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         version = self.policy_version
@@ -110,15 +120,22 @@ class GymtapeServer:
                       "total_tokens": len(prompt.ids) + len(gen.token_ids)},
             "gymtape": {"rollout_id": rollout_id, "call_index": call_index, "policy_version": version},
         }
-        self.log.submit(CallRecord(
-            rollout_id=rollout_id, call_index=call_index, call_id=call_id, prompt_ids=prompt.ids,
-            generation_ids=gen.token_ids, generation_logprobs=gen.logprobs, finish_reason=finish,
-            policy_version=version, temperature=req.temperature, top_p=req.top_p,
-            top_k=req.top_k if req.top_k > 0 else None, max_tokens=max_tokens, seed=req.seed,
-            logprobs_kind=self.engine.logprobs_kind, engine=self.engine.name, model=self.model_name,
-            started_at=started, latency_s=time.perf_counter() - t0, messages=prompt.messages, tools=req.tools,
-            output=message,
-        ))
+        try:  # answered only once recorded: an answered call is on the tape
+            await self.log.record(CallRecord(
+                rollout_id=rollout_id, call_index=call_index, call_id=call_id, prompt_ids=prompt.ids,
+                generation_ids=gen.token_ids, generation_logprobs=gen.logprobs, finish_reason=finish,
+                policy_version=version, temperature=req.temperature, top_p=req.top_p,
+                top_k=req.top_k if req.top_k > 0 else None, max_tokens=max_tokens, seed=req.seed,
+                logprobs_kind=self.engine.logprobs_kind, engine=self.engine.name, model=self.model_name,
+                started_at=started, latency_s=time.perf_counter() - t0, messages=prompt.messages, tools=req.tools,
+                output=message,
+            ))
+        except RecordingError as e:
+            self.log.unassign(prompt.anchor, rollout_id, call_index)
+            raise APIError(f"{e}. Nothing was recorded; retry when the tape's disk is writable again "
+                           "(GET /health shows the recorder's state).", status=503, type="service_unavailable",
+                           code="recording_failed") from None
+        self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, version)
         return _json(body)
 
     def _token_text(self, token_id: int, as_ids: bool) -> str:
@@ -160,24 +177,36 @@ class GymtapeServer:
             "max_model_len": self.engine.max_model_len}]})
 
     async def health(self) -> Response:
-        return _json({"status": "ok", "engine": self.engine.name, "model": self.model_name,
+        log = self.log
+        w = log.writer
+        return _json({"status": "ok" if log.ok else "degraded", "engine": self.engine.name, "model": self.model_name,
                       "policy_version": self.policy_version, "recording": {
                           "tape": str(Path(self.config.tape).resolve()) if self.config.tape else None,
-                          "recorded": self.log.recorded, "pending": self.log.pending, "errors": self.log.errors}})
+                          # ok: the last write succeeded (false: calls are answered 503 until one does)
+                          "ok": log.ok, "recorded": log.recorded, "pending": log.pending, "errors": log.errors,
+                          "last_error": log.last_error,
+                          # the tape writer's own failures, sealing the log into shards included (a failed
+                          # seal loses nothing: the rows stay in the log and the seal is retried)
+                          "writer_errors": w.write_errors if w is not None else 0,
+                          "writer_last_error": w.last_error if w is not None else None}})
 
     async def lookup(self, request: Request) -> Response:
-        """Which rollout recorded calls belong to, by their token IDs: lets `gymtape record`
-        join a Gym /run result to the calls this server wrote instead of writing them twice."""
+        """Which rollout recorded calls belong to, by their token IDs. With a tape the answer
+        comes from the tape's call-key index (any replica's calls; one recorded rollout in order
+        when there is one); it claims nothing: `gymtape record` joins on the tape itself."""
         self.check_auth(request)
         data = parse_json(await request.body())
         calls = data.get("calls")
         if not isinstance(calls, list):
             raise APIError("calls must be a list of {prompt_token_ids, generation_token_ids}", param="calls")
-        out = []
-        for c in calls:
-            hit = self.log.lookup(c.get("prompt_token_ids") or [], c.get("generation_token_ids") or []) \
-                if isinstance(c, dict) else None
-            out.append(None if hit is None else {"rollout_id": hit[0], "call_index": hit[1], "policy_version": hit[2]})
+        pairs = [(c.get("prompt_token_ids") or [], c.get("generation_token_ids") or []) if isinstance(c, dict)
+                 else ([], []) for c in calls]
+        try:
+            hits = self.log.lookup_calls(pairs)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise APIError(f"calls: token IDs must be lists of integers ({e})", param="calls") from None
+        out = [None if hit is None else {"rollout_id": hit[0], "call_index": hit[1], "policy_version": hit[2]}
+               for hit in hits]
         return _json({"calls": out, "recording": self.config.tape is not None})
 
     async def admin_weights(self, request: Request) -> Response:
@@ -186,10 +215,14 @@ class GymtapeServer:
         path, version = data.get("path"), data.get("version")
         if path is not None and not isinstance(path, str):
             raise APIError("path must be a string (a save_pretrained directory)", param="path")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
-            raise APIError(f"version must be a non-negative integer, got {version!r}", param="version")
+        # policy_version is int64 on the tape: a version that does not fit is refused here, not at the write
+        if version is not None and (type(version) is not int or not 0 <= version <= INT64_MAX):
+            raise APIError(f"version must be an integer in [0, {INT64_MAX}], got {version!r}", param="version")
         if path is None and version is None:
             raise APIError("send path (weights to load) and/or version", param="path")
+        if version is None and self.policy_version >= INT64_MAX:
+            raise APIError(f"policy version {self.policy_version} cannot be bumped past {INT64_MAX}; send an explicit "
+                           "version", param="version")
         if path is not None:
             if not Path(path).is_dir():
                 raise APIError(f"path {path} is not a directory", param="path")

@@ -7,30 +7,35 @@ from typing import Any
 
 import polars as pl
 
+from ._integrity import broken_rollouts, read_integrity
 from ._layout import CALLS_DIR, META_FILE, ROLLOUTS_DIR
 from ._reader import Tape
 from ._shards import READ_ATTEMPTS
 
 
 def summarize(tape: Tape, *, jsonl_size: Callable[[Tape], int] | None = None,
-              max_groups: int | None = None) -> dict[str, Any]:
+              max_groups: int | None = None, max_broken: int | None = 100) -> dict[str, Any]:
     """Counts, token totals, storage, reward by group, statuses, policy versions and shards.
 
     ``tape_bytes`` counts ``tape.json`` and the live shards (what a reader reads); shards a
     compacted shard replaces, awaiting deletion, are counted apart (``superseded``).
+    ``integrity`` counts rollout rows whose calls are missing, incomplete ones, and rows a
+    retry superseded (:func:`~recorder.rollout_integrity`), and names the broken ones (the
+    first ``max_broken``).
     ``jsonl_size`` sizes the same rollouts in another format (``recorder.gym_jsonl_size``: Gym
     rollout JSONL); the summary then holds ``gym_jsonl_bytes`` and ``compression_ratio``.
     """
     for attempt in range(READ_ATTEMPTS):
         try:
-            return _summarize(tape, jsonl_size, max_groups)
+            return _summarize(tape, jsonl_size, max_groups, max_broken)
         except FileNotFoundError:  # a compactor deleted a shard between listing and reading: again
             if attempt == READ_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _summarize(tape: Tape, jsonl_size: Callable[[Tape], int] | None, max_groups: int | None) -> dict[str, Any]:
+def _summarize(tape: Tape, jsonl_size: Callable[[Tape], int] | None, max_groups: int | None,
+               max_broken: int | None) -> dict[str, Any]:
     calls = tape.calls()
     rollouts = tape.rollouts()
     c = calls.select(
@@ -63,6 +68,7 @@ def _summarize(tape: Tape, jsonl_size: Callable[[Tape], int] | None, max_groups:
         .sort("group_key", nulls_last=True)
     )
     groups = groups_q.collect().rows(named=True)
+    rows, integrity = read_integrity(tape)
     listings = {t: tape.listing(t) for t in (CALLS_DIR, ROLLOUTS_DIR)}
     shards = {t: listing.live for t, listing in listings.items()}
     tape_bytes = sum(s.bytes for ss in shards.values() for s in ss) + tape.storage.size(META_FILE)
@@ -95,6 +101,7 @@ def _summarize(tape: Tape, jsonl_size: Callable[[Tape], int] | None, max_groups:
         "writers": {"seen": writers_seen, "closed_cleanly": sorted(w for w in writers_seen if w in clean),
                     "not_closed": sorted(w for w in writers_seen if w not in clean)},
         "temp_files": tape.temp_files(),
+        "integrity": {**integrity.counts(), "broken_rollouts": broken_rollouts(rows, integrity, max_broken)},
     }
     if jsonl_size is not None:
         total = jsonl_size(tape)

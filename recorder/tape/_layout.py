@@ -10,7 +10,11 @@ import os
 import uuid
 
 FORMAT_NAME = "gymtape"
-FORMAT_VERSION = 1
+#: v2 added the write-ahead log (``wal/``): v1 readers would not see its rows. v1 tapes are
+#: read as they are; the first durable writer on a v1 tape marks it v2 (nothing else changes).
+FORMAT_VERSION = 2
+#: Every tape format version this gymtape reads.
+READABLE_VERSIONS = (1, 2)
 
 META_FILE = "tape.json"
 CALLS_DIR = "calls"
@@ -18,6 +22,9 @@ ROLLOUTS_DIR = "rollouts"
 WRITERS_DIR = "writers"
 #: Resolved configuration of each command that wrote to the tape (``<writer>.json``).
 RUNS_DIR = "runs"
+#: Write-ahead log segments of durable writers: ``wal/<table>/<writer>-<seq>.arrows``.
+WAL_DIR = "wal"
+WAL_SUFFIX = ".arrows"
 TABLES = (CALLS_DIR, ROLLOUTS_DIR)
 
 SHARD_SUFFIX = ".parquet"
@@ -70,6 +77,10 @@ def layout_dict() -> dict[str, str]:
         "rollouts": f"{ROLLOUTS_DIR}/{SHARD_TEMPLATE}",
         "writers": f"{WRITERS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
         "runs": f"{RUNS_DIR}/{WRITER_MANIFEST_TEMPLATE}",
+        "wal": f"{WAL_DIR}/<table>/<writer>-<seq>{WAL_SUFFIX} (Arrow IPC stream; becomes <table>/<writer>-<seq>{SHARD_SUFFIX})",
+        "keys": "keys/<writer>.keys (call-key index: which rollout and call a token key is; any replica)",
+        "claims": "claims/<rollout>.<call index> (who continued or joined a call; O_EXCL files)",
+        "capture": "capture/<rollout>.events (NeMo Gym token-capture intents, incomplete marks, retirement)",
         "temporary": f"<dir>/{TEMP_PREFIX}<name>.<pid>-<random>{TEMP_SUFFIX} (never read)",
         "compacted": f"<table>/{COMPACTOR_PREFIX}-<utc time>-<random>-<seq>{SHARD_SUFFIX} (replaces the shards "
                      f"its {SHARD_REPLACES_KEY.decode()} metadata names)",

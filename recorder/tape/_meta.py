@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
-from .._errors import NotATapeError, TapeError, TapeVersionError, TokenizerMismatchError
+from .._errors import CorruptShardError, NotATapeError, TapeError, TapeVersionError, TokenizerMismatchError
 from ._storage import TapeStorage
-from ._layout import FORMAT_NAME, FORMAT_VERSION, META_FILE, layout_dict
+from ._layout import FORMAT_NAME, FORMAT_VERSION, META_FILE, READABLE_VERSIONS, SHARD_VERSION_KEY, layout_dict
 
 #: Files whose bytes define a tokenizer's behaviour, chat template included.
 _TOKENIZER_FILES = (
@@ -121,6 +122,8 @@ class TapeMeta:
 
 def check_version(version: int, source: str) -> None:
     """Refuse newer tapes and explain older ones; both name the two versions."""
+    if version in READABLE_VERSIONS:
+        return
     if version > FORMAT_VERSION:
         raise TapeVersionError(
             f"{source} is tape format v{version}, but this gymtape reads format v{FORMAT_VERSION}. "
@@ -133,6 +136,23 @@ def check_version(version: int, source: str) -> None:
             "release that wrote it, or re-create the tape from its source "
             "(`gymtape ingest` for Gym JSONL)."
         )
+
+
+def check_file_schema(got: pa.Schema, expected: pa.Schema, where: str, kind: str) -> None:
+    """The check every shard and log segment passes: a gymtape file of a version this gymtape
+    reads, holding every column of its table at its type (``CorruptShardError`` naming it)."""
+    version = (got.metadata or {}).get(SHARD_VERSION_KEY)
+    if version is None:
+        raise CorruptShardError(where, f"it is not a gymtape {kind} (no gymtape.format_version metadata)")
+    try:
+        check_version(int(version), where)
+    except ValueError as e:
+        raise CorruptShardError(where, f"bad format version {version!r}") from e
+    for f in expected:
+        idx = got.get_field_index(f.name)
+        if idx < 0 or not got.field(idx).type.equals(f.type):
+            found = "missing" if idx < 0 else str(got.field(idx).type)
+            raise CorruptShardError(where, f"column {f.name} is {found}, expected {f.type}")
 
 
 def read_meta(storage: TapeStorage) -> TapeMeta:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from .._errors import TapeError
-from ._layout import CALLS_DIR, ROLLOUTS_DIR, TABLES, WRITERS_DIR, is_temp_file
+from ._layout import CALLS_DIR, ROLLOUTS_DIR, TABLES, WAL_DIR, WRITERS_DIR, is_temp_file
 from ._meta import TapeMeta, read_meta
 from ._prompts import rebuild_prompts
 from ._schema import SCHEMAS
@@ -88,8 +88,8 @@ class Tape:
 
     def temp_files(self) -> list[str]:
         """Hidden temporary files (paths relative to the tape): in-flight flushes, or leftovers of crashed writers."""
-        return [f"{table}/{e.name}" for table in (*TABLES, WRITERS_DIR)
-                for e in self.storage.list(table) if is_temp_file(e.name)]
+        folders = (*TABLES, WRITERS_DIR, *(f"{WAL_DIR}/{t}" for t in TABLES))
+        return [f"{folder}/{e.name}" for folder in folders for e in self.storage.list(folder) if is_temp_file(e.name)]
 
     def writers(self) -> dict[str, dict[str, Any]]:
         """Manifests of writers that closed cleanly, by writer id."""
@@ -114,7 +114,8 @@ class Tape:
         return self._scan(ROLLOUTS_DIR)
 
     def dataset(self, table: str) -> pads.Dataset:
-        """A pyarrow dataset over one table's live shards."""
+        """A pyarrow dataset over one table's live shards (not the write-ahead log: use
+        :meth:`read` or :meth:`calls` for every committed row)."""
         return self._dataset(table, self.shards(table))
 
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
@@ -123,12 +124,21 @@ class Tape:
         return self.catalog.read(table, columns)
 
     def _scan(self, table: str) -> pl.LazyFrame:
-        shards = self.shards(table)
-        if not shards:
-            return pl.from_arrow(SCHEMAS[table].empty_table()).lazy()  # type: ignore[union-attr]
-        if self.storage.local is not None:
-            return pl.scan_parquet([s.path for s in shards])
-        return pl.scan_pyarrow_dataset(self._dataset(table, shards))
+        listing, log = self.catalog.snapshot(table)
+        shards = list(listing.live)
+        frames = []
+        if shards:
+            if self.storage.local is not None:
+                frames.append(pl.scan_parquet([s.path for s in shards]))
+            else:
+                frames.append(pl.scan_pyarrow_dataset(self._dataset(table, shards)))
+        if log.num_rows or not frames:
+            frames.append(pl.from_arrow(log).lazy())  # type: ignore[union-attr]
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
+
+    def log_rows(self, table: str) -> int:
+        """Rows committed to the write-ahead log and not yet sealed into a shard."""
+        return self.catalog.snapshot(table, ["rollout_id"])[1].num_rows
 
     def _dataset(self, table: str, shards: list[ShardInfo]) -> pads.Dataset:
         return pads.dataset([s.path for s in shards], schema=SCHEMAS[table], format="parquet",

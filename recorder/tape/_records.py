@@ -71,7 +71,8 @@ class RolloutRecord:
     #: ``ok``, ``truncated`` or ``failed``.
     status: str = "ok"
     status_reason: str | None = None
-    #: ``ok``, ``empty``, ``partial`` or ``missing``; None: inferred from the calls.
+    #: ``ok``, ``empty``, ``partial``, ``missing`` or ``incomplete`` (a call failed to be
+    #: captured: Gym's ``mark_incomplete``; never trained on); None: inferred from the calls.
     token_status: str | None = None
     num_calls: int | None = None
     prompt_tokens: int | None = None
@@ -93,5 +94,5 @@ class RolloutRecord:
 
 CALL_STATUSES = ("ok", "empty")
 ROLLOUT_STATUSES = ("ok", "truncated", "failed")
-ROLLOUT_TOKEN_STATUSES = ("ok", "empty", "partial", "missing")
+ROLLOUT_TOKEN_STATUSES = ("ok", "empty", "partial", "missing", "incomplete")
 LOGPROBS_KINDS = ("raw", "processed")

@@ -1,4 +1,4 @@
-"""Column-by-column schema of tape format v1.
+"""Column-by-column schema of the tape (format v2; columns unchanged since v1).
 
 This module is the single source of the tape's columns: the writer builds Arrow tables from
 it, the reader checks shards against it, and ``docs/tape-format.md`` is generated from it
@@ -83,7 +83,9 @@ ROLLOUT_COLUMNS: tuple[Column, ...] = (
     Column("status_reason", pa.string(), True, "Why the rollout is truncated or failed."),
     Column("token_status", pa.string(), False,
            "`ok`: every model call has token IDs; `empty`: the token fields were present but empty; "
-           "`partial`: some calls have them; `missing`: the source had no token fields at all."),
+           "`partial`: some calls have them; `missing`: the source had no token fields at all; "
+           "`incomplete`: a call of the rollout failed to be captured (NeMo Gym's `mark_incomplete`): "
+           "never trained on, flagged by `gymtape check`."),
     Column("num_calls", pa.int32(), False, "Model calls recorded for the rollout."),
     Column("prompt_tokens", pa.int64(), False, "Sum of the calls' full prompt lengths."),
     Column("generation_tokens", pa.int64(), False, "Sum of the calls' generated tokens."),

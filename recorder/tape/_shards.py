@@ -11,6 +11,11 @@ here, on any storage (:class:`~recorder.tape._storage.TapeStorage`), and nowhere
   tape: its *live* shards are the listed ones no listed shard replaces. Since a compactor
   deletes a shard only after publishing its replacement, every row is in exactly one live
   shard of any listing.
+* **The write-ahead log.** Rows a durable writer committed but has not sealed into a shard
+  live in ``wal/<table>/<stem>.arrows`` (``recorder.tape._wal``). A read lists the log
+  before the shards, then reads every segment whose shard (same stem) the listing does not
+  cover: a segment sealed in between shows up as its shard, and one deleted before it is read
+  sends the read round again. So log rows are seen once, in the log or in their shard.
 * **Consistent reads.** A listing is not a snapshot: a compactor may publish a replacement and
   delete its sources while the listing runs, and the listing may then show neither. So a read
   lists again afterwards; a new shard that replaces a name the first listing did not cover
@@ -33,12 +38,13 @@ from ._layout import (
     SHARD_COMPACTED_AT_KEY,
     SHARD_REPLACES_KEY,
     SHARD_SUFFIX,
-    SHARD_VERSION_KEY,
     SHARD_WRITERS_KEY,
     TABLES,
+    WAL_DIR,
     is_published_shard,
 )
-from ._meta import check_version
+from . import _wal
+from ._meta import check_file_schema
 from ._schema import SCHEMAS
 from ._storage import Entry, TapeStorage
 
@@ -50,11 +56,21 @@ READ_ATTEMPTS = 20
 
 def parquet_options(table: str) -> dict[str, object]:
     """How every shard is written, by the writer and the compactor alike."""
+    if table != CALLS_DIR:
+        return {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS}
+    # Token IDs and logprobs are plain-encoded (a dictionary over a 150k-token vocabulary only
+    # adds a page of indices), logprobs byte-stream-split (exponent bytes together compress
+    # well); both encodings every Parquet reader knows. pyarrow names a list's values by the
+    # leaf path: "generation_logprobs" alone would set nothing.
     return {
         "compression": "zstd",
         "row_group_size": ROW_GROUP_ROWS,
-        "use_byte_stream_split": ["generation_logprobs"] if table == CALLS_DIR else False,
+        "use_dictionary": [c for c in SCHEMAS[CALLS_DIR].names if c not in _LIST_COLUMNS],
+        "use_byte_stream_split": ["generation_logprobs.list.element"],
     }
+
+
+_LIST_COLUMNS = frozenset({"prompt_suffix_ids", "generation_ids", "generation_logprobs"})
 
 
 class ShardVanished(Exception):
@@ -193,18 +209,7 @@ class ShardCatalog:
         except (pa.ArrowException, OSError) as e:
             raise self._read_error(entry.path, e) from e
         meta = schema.metadata or {}
-        version = meta.get(SHARD_VERSION_KEY)
-        if version is None:
-            raise CorruptShardError(where, "it is not a gymtape shard (no gymtape.format_version metadata)")
-        try:
-            check_version(int(version), where)
-        except ValueError as e:
-            raise CorruptShardError(where, f"bad format version {version!r}") from e
-        for f in SCHEMAS[table]:
-            idx = schema.get_field_index(f.name)
-            if idx < 0 or not schema.field(idx).type.equals(f.type):
-                got = "missing" if idx < 0 else str(schema.field(idx).type)
-                raise CorruptShardError(where, f"column {f.name} is {got}, expected {f.type}")
+        check_file_schema(schema, SCHEMAS[table], where, "shard")
         try:
             replaces = frozenset(orjson.loads(meta[SHARD_REPLACES_KEY])) if SHARD_REPLACES_KEY in meta else frozenset()
             writers = {str(k): int(v) for k, v in orjson.loads(meta[SHARD_WRITERS_KEY]).items()} \
@@ -245,27 +250,82 @@ class ShardCatalog:
             return None
 
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
-        """Every row of ``table`` exactly once, as of one settled listing (see the module doc)."""
+        """Every row of ``table`` exactly once, as of one settled listing (see the module doc):
+        the live shards' rows, then the log's."""
         _check_table(table)
-        schema = SCHEMAS[table]
         for _ in range(READ_ATTEMPTS):
             try:
+                log = self.log_entries(table)
                 listing = self.listing(table)
                 parts = [self.read_shard(s, columns) for s in listing.live]
                 if self.listing(table).missed_by(listing):
                     continue
+                parts += [r.table for r in self.read_log(table, log, listing, columns)]
             except ShardVanished:
                 continue
-            if not parts:
-                return schema.empty_table() if columns is None else pa.schema([schema.field(c) for c in columns]).empty_table()
-            return pa.concat_tables(parts).replace_schema_metadata(None)
+            return _concat(table, parts, columns)
         raise self._unsettled(table)
+
+    def snapshot(self, table: str, columns: list[str] | None = None) -> tuple[ShardListing, pa.Table]:
+        """A settled listing and the log rows it does not cover (for lazy readers of the shards)."""
+        _check_table(table)
+        for _ in range(READ_ATTEMPTS):
+            try:
+                log = self.log_entries(table)
+                listing = self.settled_listing(table)
+                rows = self.read_log(table, log, listing, columns)
+            except ShardVanished:
+                continue
+            return listing, _concat(table, [r.table for r in rows], columns)
+        raise self._unsettled(table)
+
+    # -- the log -------------------------------------------------------------------------------
+
+    def log_entries(self, table: str) -> list[Entry]:
+        """Log segments of ``table`` (list them before the shards: see the module doc)."""
+        if self.storage.local is None:
+            return []  # live capture writes POSIX only; object stores hold no log
+        return [e for e in self.storage.list(f"{WAL_DIR}/{table}") if _wal.is_segment(e.name)]
+
+    def try_read_segment(self, table: str, entry: Entry, columns: list[str] | None = None) -> pa.Table | None:
+        """One log segment's committed rows, or None when it was sealed and deleted since it was
+        listed (its rows are in its shard, :func:`segment_shard` names it)."""
+        try:
+            return _wal.read_segment(self.storage, table, entry, SCHEMAS[table], columns).table
+        except FileNotFoundError:
+            return None
+
+    def read_log(self, table: str, entries: list[Entry], listing: ShardListing,
+                 columns: list[str] | None = None) -> list[_wal.SegmentRows]:
+        """The rows of the segments ``listing`` does not cover (``ShardVanished`` when one was
+        sealed and deleted since it was listed: read again)."""
+        out = []
+        for e in entries:
+            if _wal.shard_name_of(e.name) in listing.coverage:
+                continue
+            try:
+                out.append(_wal.read_segment(self.storage, table, e, SCHEMAS[table], columns))
+            except FileNotFoundError:
+                raise ShardVanished(e.path) from None
+        return out
 
     def _unsettled(self, table: str) -> TapeError:
         return TapeError(
             f"{self.storage.describe(table)}: the shards changed under the reader {READ_ATTEMPTS} times in a row "
             "(a compactor deleting shards as they were read); try again, or read after the compaction"
         )
+
+
+def segment_shard(segment_name: str) -> str:
+    """The name of the shard a log segment is sealed into (same stem, same rows in the same order)."""
+    return _wal.shard_name_of(segment_name)
+
+
+def _concat(table: str, parts: list[pa.Table], columns: list[str] | None) -> pa.Table:
+    schema = SCHEMAS[table]
+    if not parts:
+        return schema.empty_table() if columns is None else pa.schema([schema.field(c) for c in columns]).empty_table()
+    return pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
 
 
 def _check_table(table: str) -> None:

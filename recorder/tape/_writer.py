@@ -12,6 +12,15 @@ Guarantees, in the order they matter:
   exists-check then a put, read back; best effort).
 * Within one flush the calls shard is published before the rollouts shard, so a visible rollout
   row of this writer always has its calls visible too.
+* A *durable* writer (``durable=True``: live capture) first appends rows to its write-ahead
+  log (``recorder.tape._wal``): :meth:`TapeWriter.commit` returns once every row added before
+  it is fsynced and readable by any process that opens the tape, concurrent commits sharing one
+  fsync. Log segments are sealed into shards of the same name later (size, age, close). A
+  failed commit (disk full, permissions) raises :class:`~recorder.TapeWriteError` and discards
+  the rows it could not make durable, with the writer's per-rollout state restored, so the
+  caller can answer "not recorded" and a retry starts clean; the next commit tries again.
+* Every value is checked against its column when it is added (:class:`TapeValueError` naming
+  the field), so one bad value can never fail a whole flush or commit.
 * ``close()`` publishes what is buffered and then the writer's manifest
   (``writers/<id>.json``); SIGTERM/SIGINT call ``close()``. When an exception escapes a
   ``with`` block the buffer is dropped and no manifest is written, so an interrupted run never
@@ -20,8 +29,12 @@ Guarantees, in the order they matter:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import operator
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -36,9 +49,10 @@ import orjson
 import pyarrow as pa
 
 from . import _signals
-from .._errors import TapeError, TapeValueError, WriterClosedError, WriterIdConflictError
+from .._errors import TapeError, TapeValueError, TapeWriteError, WriterClosedError, WriterIdConflictError
 from ._shards import ROW_GROUP_ROWS, ShardCatalog, ShardVanished, parquet_options, seq_of, writer_of  # noqa: F401
-from ._storage import TapeStorage
+from ._storage import TapeStorage, require_posix
+from . import _wal
 from ._layout import (
     CALLS_DIR,
     FORMAT_VERSION,
@@ -47,8 +61,10 @@ from ._layout import (
     SHARD_VERSION_KEY,
     WRITER_MANIFEST_TEMPLATE,
     WRITERS_DIR,
+    WAL_DIR,
     COMPACTOR_PREFIX,
     is_published_shard,
+    layout_dict,
     shard_name,
 )
 from ._meta import TapeMeta, TokenizerIdentity, open_or_create_meta
@@ -80,17 +96,33 @@ class _TableBuffer:
         self.columns = columns
         self.schema = schema
         self.values: dict[str, list[Any]] = {c.name: [] for c in columns}
+        self._checks = [(c, None if c.name in _TOKEN_COLUMNS else _CHECKS.get(c.type, _check_via_arrow)) for c in columns]
         self.rows = 0
         self.nbytes = 0
         self.first_at: float | None = None
 
-    def append(self, row: dict[str, Any], nbytes: int) -> None:
+    def append(self, row: dict[str, Any], nbytes: int, owner: str) -> None:
+        for col, check in self._checks:
+            value = row[col.name]
+            if value is None:
+                if not col.nullable:
+                    raise TapeValueError(f"{owner}: {col.name} must not be null")
+            elif check is not None:
+                row[col.name] = check(value, col, owner)
         for name, values in self.values.items():
             values.append(row[name])
         self.rows += 1
         self.nbytes += nbytes
         if self.first_at is None:
             self.first_at = time.monotonic()
+
+    def take(self) -> _TableBuffer:
+        """Hand over the buffered rows, leaving this buffer empty."""
+        taken = copy.copy(self)
+        taken.values, taken.rows, taken.nbytes, taken.first_at = self.values, self.rows, self.nbytes, self.first_at
+        self.values = {c.name: [] for c in self.columns}
+        self.rows, self.nbytes, self.first_at = 0, 0, None
+        return taken
 
     def to_table(self) -> pa.Table:
         arrays = []
@@ -101,6 +133,60 @@ class _TableBuffer:
             else:
                 arrays.append(pa.array(values, type=col.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+def _check_int(bits: int) -> Any:
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+    def check(value: Any, col: Column, owner: str) -> int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise TapeValueError(f"{owner}: {col.name} must be an integer, got {value!r}")
+        try:
+            v = operator.index(value)
+        except TypeError:
+            raise TapeValueError(f"{owner}: {col.name} must be an integer, got {value!r}") from None
+        if not lo <= v <= hi:
+            raise TapeValueError(f"{owner}: {col.name}={v} does not fit the tape's {col.type} column "
+                                 f"({lo}..{hi})")
+        return v
+    return check
+
+
+def _check_float(value: Any, col: Column, owner: str) -> float:
+    if isinstance(value, bool):
+        raise TapeValueError(f"{owner}: {col.name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TapeValueError(f"{owner}: {col.name} must be a number, got {value!r}") from None
+
+
+def _check_str(value: Any, col: Column, owner: str) -> str:
+    if not isinstance(value, str):
+        raise TapeValueError(f"{owner}: {col.name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TapeValueError(f"{owner}: {col.name} is not valid text ({e.reason})") from None
+    return value
+
+
+def _check_via_arrow(value: Any, col: Column, owner: str) -> Any:
+    """Rare columns (lists of indices and keys, timestamps): let Arrow judge the one value."""
+    try:
+        pa.array([value], type=col.type)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+        raise TapeValueError(f"{owner}: {col.name} does not fit the tape's {col.type} column ({e})") from None
+    return value
+
+
+#: Per column type, the check a value passes when it is added (token lists are checked apart).
+_CHECKS: dict[pa.DataType, Any] = {
+    pa.int32(): _check_int(32), pa.int64(): _check_int(64),
+    pa.float32(): _check_float, pa.float64(): _check_float, pa.string(): _check_str,
+}
+#: Token columns, checked (and converted) by ``_as_ids`` before they reach a buffer.
+_TOKEN_COLUMNS = frozenset({"prompt_suffix_ids", "generation_ids", "generation_logprobs"})
 
 
 def _list_array(values: list[np.ndarray], typ: pa.ListType) -> pa.Array:
@@ -154,6 +240,9 @@ class TapeWriter:
         flush_seconds: ... or once the oldest buffered row is this old (checked by a
             background thread); None disables the time trigger.
         handle_signals: close on SIGTERM/SIGINT (installed from the main thread only).
+        durable: write through the write-ahead log (local and shared POSIX folders only):
+            :meth:`commit` makes rows durable and visible; ``flush_rows``/``flush_bytes``/
+            ``flush_seconds`` then say when a log segment is sealed into a shard.
     """
 
     def __init__(
@@ -168,7 +257,10 @@ class TapeWriter:
         flush_seconds: float | None = 30.0,
         handle_signals: bool = True,
         filesystem: Any = None,
+        durable: bool = False,
     ) -> None:
+        if durable:
+            require_posix(path if not isinstance(path, TapeStorage) else path.location, "a durable TapeWriter")
         self.storage = TapeStorage.of(path, filesystem)
         self.location = self.storage.location
         #: The tape folder when it is local, else None.
@@ -178,6 +270,10 @@ class TapeWriter:
             raise TapeValueError(f"writer_id {self.writer_id!r} may hold only letters, digits, '-' and '_'")
         self.meta = open_or_create_meta(self.storage, TapeMeta(tokenizer=tokenizer, created_by=created_by))
         self.storage.makedirs(CALLS_DIR, ROLLOUTS_DIR, WRITERS_DIR)
+        self.durable = durable
+        if durable:
+            self.storage.makedirs(WAL_DIR, f"{WAL_DIR}/{CALLS_DIR}", f"{WAL_DIR}/{ROLLOUTS_DIR}")
+            self.meta = _upgrade_meta(self.storage, self.meta)
         self.flush_rows = flush_rows
         self.flush_bytes = flush_bytes
         self.flush_seconds = flush_seconds
@@ -185,12 +281,28 @@ class TapeWriter:
         self._calls = _TableBuffer(CALL_COLUMNS, self._with_meta(CALLS_SCHEMA, CALLS_DIR))
         self._rollouts = _TableBuffer(ROLLOUT_COLUMNS, self._with_meta(ROLLOUTS_SCHEMA, ROLLOUTS_DIR))
         self._open: OrderedDict[str, _OpenRollout] = OrderedDict()
+        # Durable mode: rows added (a running count), rows durable, rows discarded by a failed
+        # commit; the undo log of rows not yet durable (rollout id, state before the row, is a call).
+        self._added = 0
+        self._durable_upto = 0
+        self._failed_upto = 0
+        self._undo: list[tuple[str, _OpenRollout | None, bool]] = []
+        self._segments: dict[str, _wal.Segment] = {}
+        self._segment_born: dict[str, float] = {}
+        self._commit_lock = threading.Lock()
+        #: The last write failure (commit or seal), None once a commit succeeds again.
+        self.last_error: str | None = None
+        #: Write failures so far (failed commits and seals).
+        self.write_errors = 0
         self._lock = threading.RLock()
         self._busy = 0
         self._close_requested = False
         self._closed = False
         self.shards: list[str] = []
         self.rows_written = {CALLS_DIR: 0, ROLLOUTS_DIR: 0}
+        if durable:  # segments of dead writers (a crash): seal them into their shards
+            for table, schema in ((CALLS_DIR, self._calls.schema), (ROLLOUTS_DIR, self._rollouts.schema)):
+                _wal.recover(self.storage, table, schema, **parquet_options(table))
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         if flush_seconds is not None:
@@ -219,9 +331,9 @@ class TapeWriter:
         tools_json = _json(rec.tools)
         with self._critical():
             state = self._open.get(rec.rollout_id)
+            before = copy.copy(state) if state is not None else None
             if state is None:
                 state = _OpenRollout(context=np.empty(0, np.int32), messages=None, tools_json=None)
-                self._remember(rec.rollout_id, state)
                 stored_tools = tools_json
             else:
                 self._open.move_to_end(rec.rollout_id)
@@ -259,7 +371,12 @@ class TapeWriter:
             for k in ("new_messages_json", "tools_json", "output_json"):
                 if row[k] is not None:
                     nbytes += len(row[k])
-            self._calls.append(row, nbytes)
+            self._calls.append(row, nbytes, f"call {call_id}")
+            if before is None:
+                self._remember(rec.rollout_id, state)
+            if self.durable:
+                self._undo.append((rec.rollout_id, before, True))
+                self._added += 1
             state.context = np.concatenate([prompt, gen]) if gen.size else prompt
             state.messages = rec.messages
             state.tools_json = tools_json
@@ -267,15 +384,33 @@ class TapeWriter:
             state.nonempty_calls += token_status == "ok"
             state.prompt_tokens += prompt.size
             state.generation_tokens += gen.size
-            state.versions.append(rec.policy_version)
+            state.versions = [*state.versions, rec.policy_version]
             self._maybe_flush()
         return call_id
+
+    def continue_from(self, rollout_id: str, context: Any) -> None:
+        """Delta-encode the rollout's next call against ``context`` (the previous call's prompt
+        followed by its generation), or store it whole when ``context`` is None.
+
+        For a rollout whose previous call another writer stored (another process, another
+        replica): this writer's memory of it is then stale, and a prompt encoded against it
+        would not rebuild."""
+        with self._critical():
+            if context is None:
+                self._open.pop(rollout_id, None)
+                return
+            ctx = _as_ids(context, "context", rollout_id)
+            state = self._open.get(rollout_id)
+            if state is None:
+                self._remember(rollout_id, _OpenRollout(context=ctx, messages=None, tools_json=None))
+            else:
+                self._open[rollout_id] = dataclasses.replace(state, context=ctx, messages=None)
 
     def add_rollout(self, rec: RolloutRecord) -> None:
         """Buffer one rollout row; the rollout's delta state is released."""
         _check_choice(rec.status, ROLLOUT_STATUSES, "status", rec.rollout_id)
         with self._critical():
-            state = self._open.pop(rec.rollout_id, None)
+            state = self._open.get(rec.rollout_id)
             seen = state or _OpenRollout(context=np.empty(0, np.int32), messages=None, tools_json=None)
             token_status = rec.token_status or _rollout_token_status(seen)
             _check_choice(token_status, ROLLOUT_TOKEN_STATUSES, "token_status", rec.rollout_id)
@@ -303,7 +438,11 @@ class TapeWriter:
                 "created_at": rec.created_at or datetime.now(timezone.utc),
             }
             nbytes = 128 + sum(len(row[k]) for k in ("input_json", "response_json", "extras_json") if row[k])
-            self._rollouts.append(row, nbytes)
+            self._rollouts.append(row, nbytes, f"rollout {rec.rollout_id}")
+            self._open.pop(rec.rollout_id, None)
+            if self.durable:
+                self._undo.append((rec.rollout_id, state, False))
+                self._added += 1
             self._maybe_flush()
 
     def flush(self) -> None:
@@ -311,22 +450,60 @@ class TapeWriter:
         with self._critical():
             self._flush_locked()
 
+    def commit(self) -> None:
+        """Make every row added so far durable and visible to every reader of the tape.
+
+        Durable writers append the rows to the write-ahead log and fsync (concurrent callers
+        share one fsync); others publish a shard (:meth:`flush`). Raises
+        :class:`~recorder.TapeWriteError` when the rows could not be written: they are
+        discarded (never half-recorded) and the next commit starts clean.
+        """
+        if not self.durable:
+            self.flush()
+            return
+        with self._critical():
+            target = self._added
+        with self._commit_lock:
+            if self._durable_upto >= target:
+                return  # another thread's commit took these rows
+            if self._failed_upto >= target:
+                raise TapeWriteError(f"{self.location}: rows were not recorded: {self.last_error}")
+            self._commit_locked()
+
     def close(self) -> None:
-        """Publish the buffer and this writer's manifest. Idempotent."""
-        with self._lock:
+        """Publish the buffer and this writer's manifest. Idempotent.
+
+        A durable writer commits what is buffered and seals its log segments; a segment that
+        cannot be sealed stays (durable, read as it is) for the next writer to seal."""
+        with self._commit_lock, self._lock:  # always in this order (commit() takes them so)
             if self._closed:
                 return
-            self._flush_locked()
-            self._write_manifest()
+            if self.durable:
+                try:
+                    if self._added > self._durable_upto:
+                        self._commit_locked()
+                    self._seal_all(force=True)
+                finally:
+                    self._release_segments()
+            else:
+                self._flush_locked()
+            try:
+                self._write_manifest()
+            except OSError as e:  # the rows are on the tape; only the summary of this writer is missing
+                self._failed(f"could not write this writer's manifest: {_reason(e)}")
             self._shutdown()
 
     def abort(self) -> None:
-        """Drop the buffer and stop, publishing nothing more (no manifest)."""
-        with self._lock:
+        """Drop the buffer and stop, publishing nothing more (no manifest). Rows a durable
+        writer already committed were acknowledged: they stay, and are sealed if possible."""
+        with self._commit_lock, self._lock:
             if self._closed:
                 return
             self._calls = _TableBuffer(self._calls.columns, self._calls.schema)
             self._rollouts = _TableBuffer(self._rollouts.columns, self._rollouts.schema)
+            if self.durable:
+                self._seal_all(force=True)
+                self._release_segments()
             self._shutdown()
 
     @property
@@ -354,6 +531,9 @@ class TapeWriter:
         catalog = ShardCatalog(self.storage)
         seq = -1
         for table in (CALLS_DIR, ROLLOUTS_DIR):
+            for entry in self.storage.list(f"{WAL_DIR}/{table}"):
+                if _wal.is_segment(entry.name) and writer_of(_wal.shard_name_of(entry.name)) == self.writer_id:
+                    seq = max(seq, seq_of(_wal.shard_name_of(entry.name)))
             for entry in self.storage.list(table):
                 if not is_published_shard(entry.name):
                     continue
@@ -386,13 +566,12 @@ class TapeWriter:
             w = self.w
             w._busy -= 1
             honour = w._busy == 0 and w._close_requested and exc[0] is None
-            try:
-                if honour:
-                    w.close()
-            finally:
-                w._lock.release()
+            w._lock.release()  # close() takes the commit lock first, then this one
             if honour:
-                _signals.busy_writer_finished()
+                try:
+                    w.close()
+                finally:
+                    _signals.busy_writer_finished()
 
     def _critical(self) -> TapeWriter._Critical:
         return TapeWriter._Critical(self)
@@ -405,23 +584,126 @@ class TapeWriter:
         self.close()
         return True
 
+    def _commit_locked(self) -> None:
+        """Append the buffered rows to the log, calls before rollouts (a rollout row is never
+        durable without its calls). Holds ``_commit_lock``."""
+        with self._lock:
+            upto = self._added
+            taken = {CALLS_DIR: self._calls.take(), ROLLOUTS_DIR: self._rollouts.take()}
+            undo, self._undo = self._undo, []
+        for table in (CALLS_DIR, ROLLOUTS_DIR):
+            buf = taken[table]
+            if not buf.rows:
+                continue
+            try:
+                batch = buf.to_table().combine_chunks().to_batches()[0]
+                self._segment(table).append(batch)
+            except Exception as e:
+                self._discard(undo, keep_calls=table == ROLLOUTS_DIR)
+                self._failed(f"could not write {buf.rows} {table} row(s) to the log: {_reason(e)}")
+                raise TapeWriteError(f"{self.location}: {self.last_error}") from e
+            self.rows_written[table] += buf.rows
+        self._durable_upto = upto
+        self.last_error = None
+        self._seal_all(force=False)
+
+    def _discard(self, undo: list[tuple[str, _OpenRollout | None, bool]], *, keep_calls: bool) -> None:
+        """Forget every row not durable (the failed ones and any added since) and restore the
+        rollouts' delta state as it was before them, newest first."""
+        with self._lock:
+            pending = undo + self._undo
+            self._undo = []
+            self._calls.take()
+            self._rollouts.take()
+            for rollout_id, before, is_call in reversed(pending):
+                if is_call and keep_calls:
+                    continue
+                if before is None:
+                    self._open.pop(rollout_id, None)
+                else:
+                    self._open[rollout_id] = before
+            self._failed_upto = self._added
+
+    def _failed(self, message: str) -> None:
+        self.write_errors += 1
+        self.last_error = message
+        print(f"gymtape: {self.location}: {message}", file=sys.stderr)
+
+    def _segment(self, table: str) -> _wal.Segment:
+        seg = self._segments.get(table)
+        if seg is not None and seg.broken:
+            self._seal(table)  # what it holds is whole; the next rows go to a new segment
+            seg = self._segments.get(table)
+        if seg is None:
+            seq = self._seq
+            self._seq += 1
+            buf = self._calls if table == CALLS_DIR else self._rollouts
+            path = Path(self.storage.path(_wal.segment_rel(table, shard_name(self.writer_id, seq)[: -len(".parquet")])))
+            try:
+                seg = _wal.Segment(path, buf.schema)
+            except _wal.SegmentExists:
+                _raise_exists(str(path))
+            self._segments[table] = seg
+            self._segment_born[table] = time.monotonic()
+        return seg
+
+    def _seal_all(self, *, force: bool) -> None:
+        """Seal segments that are big or old enough (all, with ``force``). Failures are recorded
+        and retried later: a segment's rows are durable whether or not it is sealed."""
+        now = time.monotonic()
+        for table, seg in list(self._segments.items()):
+            old = self.flush_seconds is not None and now - self._segment_born[table] >= self.flush_seconds
+            big = seg.rows >= self.flush_rows or seg.size >= self.flush_bytes
+            if force or old or big or seg.broken:
+                try:
+                    self._seal(table)
+                except Exception as e:  # kept: durable in the log; the next tick or close retries
+                    self._failed(f"could not seal {seg.path.name} into a shard (its rows stay in the log): {_reason(e)}")
+
+    def _seal(self, table: str) -> None:
+        seg = self._segments[table]
+        if seg.rows:
+            _wal.seal(self.storage, table, seg.path.name, seg.table(), **parquet_options(table))
+            self.shards.append(f"{table}/{_wal.shard_name_of(seg.path.name)}")
+        else:
+            seg.path.unlink(missing_ok=True)
+        seg.close()
+        del self._segments[table]
+
+    def _release_segments(self) -> None:
+        """Close the segments left (their lock goes with them): readers read them as they are."""
+        for seg in self._segments.values():
+            seg.close()
+        self._segments.clear()
+
     def _maybe_flush(self) -> None:
+        if self.durable:  # rows wait for commit(); sealing follows the segment's size and age
+            return
         for buf in (self._calls, self._rollouts):
             if buf.rows >= self.flush_rows or buf.nbytes >= self.flush_bytes:
                 self._flush_locked()
                 return
 
     def _tick(self) -> None:
+        """Time-based flushing (sealing, for a durable writer). Never dies: a failure is
+        recorded (``last_error``, ``write_errors``) and tried again at the next tick."""
         assert self.flush_seconds is not None
         interval = max(0.01, self.flush_seconds / 4)
         while not self._stop.wait(interval):
             try:
+                if self.durable:
+                    with self._commit_lock:
+                        if not self._closed:
+                            self._seal_all(force=False)
+                    continue
                 with self._critical():
                     firsts = [b.first_at for b in (self._calls, self._rollouts) if b.first_at is not None]
                     if firsts and time.monotonic() - min(firsts) >= self.flush_seconds:
                         self._flush_locked()
             except WriterClosedError:
                 return
+            except Exception as e:  # the buffer stays; the next tick retries
+                self._failed(f"timed flush failed (retrying): {_reason(e)}")
 
     def _flush_locked(self) -> None:
         if not (self._calls.rows or self._rollouts.rows):
@@ -459,6 +741,22 @@ class TapeWriter:
         self._closed = True
         self._stop.set()
         _signals.unregister(self)  # the ticker thread sees _stop and ends by itself
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename or type(e).__name__})"
+    return f"{type(e).__name__}: {e}"
+
+
+def _upgrade_meta(storage: TapeStorage, meta: TapeMeta) -> TapeMeta:
+    """A durable writer on a v1 tape marks it v2 (only the log is new): v1 readers would not
+    see the log's rows, so they must refuse the tape rather than read it short."""
+    if meta.format_version == FORMAT_VERSION:
+        return meta
+    upgraded = dataclasses.replace(meta, format_version=FORMAT_VERSION, layout=layout_dict())
+    storage.write_bytes("tape.json", orjson.dumps(upgraded.to_dict(), option=orjson.OPT_INDENT_2), overwrite=True)
+    return upgraded
 
 
 def _raise_exists(final: str) -> None:

@@ -41,7 +41,7 @@ def test_future_format_version_is_refused_naming_both_versions(make_tape) -> Non
 def test_older_format_version_is_explained(make_tape) -> None:
     tape, _ = make_tape(repeats=1, calls=2, context_tokens=100)
     _set_version(tape, 0)
-    with pytest.raises(TapeVersionError, match=r"format v0, older than the v1.*gymtape ingest"):
+    with pytest.raises(TapeVersionError, match=r"format v0, older than the v2.*gymtape ingest"):
         Tape(tape)
 
 
@@ -49,9 +49,17 @@ def test_shard_from_a_newer_writer_is_refused(make_tape) -> None:
     tape, _ = make_tape(repeats=1, calls=2, context_tokens=100)
     shard = next((tape / "calls").glob("*.parquet"))
     table = pq.read_table(shard)
-    pq.write_table(table.replace_schema_metadata({b"gymtape.format_version": b"2"}), shard)
+    pq.write_table(table.replace_schema_metadata({b"gymtape.format_version": str(FORMAT_VERSION + 1).encode()}), shard)
     with pytest.raises(TapeVersionError, match=str(shard)):
         Tape(tape).calls()
+
+
+def test_v1_tape_is_read_as_it_is(make_tape) -> None:
+    """The upgrade path: v2 added the write-ahead log only, so a v1 tape reads unchanged."""
+    tape, _ = make_tape(repeats=1, calls=2, context_tokens=100)
+    before = Tape(tape).read("calls")
+    _set_version(tape, 1)
+    assert Tape(tape).read("calls").equals(before)
 
 
 def test_directory_without_tape_json_is_not_a_tape(tmp_path: Path) -> None:

@@ -95,10 +95,11 @@ def test_config_yaml_lists_envs_and_select_picks(tmp_path: Path, served: tuple[S
 def test_unreachable_agent_is_recorded_as_failed_not_dropped(tmp_path: Path) -> None:
     tasks = ROOT / "datasets" / "demo_tasks.jsonl"
     env = EnvConfig(name="down", agent_url="http://127.0.0.1:9", tasks=tasks)
-    report = record(RecordConfig(tape=tmp_path / "t", envs=[env], retries=1, timeout=10))
+    # server_wait=0: an agent that does not answer is gone at once (the default waits 300 s for it)
+    report = record(RecordConfig(tape=tmp_path / "t", envs=[env], retries=1, timeout=10, server_wait=0))
     rows = Tape(tmp_path / "t").rollouts().collect()
     assert report.failed == rows.height == 6 and set(rows["status"]) == {"failed"}
-    assert all("127.0.0.1:9" in r for r in rows["status_reason"])
+    assert all("agent server http://127.0.0.1:9 unreachable" in r for r in rows["status_reason"])
 
 
 # Long enough (about 20 s on 2 cores) that the kill lands after the first 5-second flush and well

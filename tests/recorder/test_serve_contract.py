@@ -215,3 +215,156 @@ def test_identical_calls_in_concurrent_rollouts_continue_separate_rollouts() -> 
     assert {first[0], second[0]} == {a[0], b[0]} and first[1] == second[1] == 1
     assert log.assign(([1, 2], [3]))[0] == b[0], "a retry of the same continuation reuses the latest"
     assert log.assign(([9], [9]))[1] == 0, "unknown IDs start a new rollout"
+
+
+# ---------------------------------------------------------------- range checks at the request boundary
+# Every value that lands in a tape column is checked against that column's type when the request
+# arrives: a 400 naming the field, never a 200 whose row then cannot be written.
+
+INT32_MAX, INT64_MIN, INT64_MAX = 2**31 - 1, -(2**63), 2**63 - 1
+
+
+def _recorded_call_ids(server: Server) -> set[str]:
+    import polars as pl
+
+    from recorder import Tape
+
+    tape = server.log.parent / "tape"  # the module fixture's --tape, next to its log
+    return set(Tape(tape).calls().select(pl.col("call_id")).collect()["call_id"])
+
+
+def _assert_still_serving_and_recording(server: Server) -> None:
+    ok = _post(server, "/v1/chat/completions", {"messages": GOOD, "max_tokens": 2, "seed": 7})
+    assert ok.status_code == 200, f"a valid call after a refused one must be answered: {ok.text}"
+    assert ok.json()["id"] in _recorded_call_ids(server), "an answered call must be on the tape"
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["recording"]["errors"] == 0 and health["recording"]["ok"], health
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    return {"messages": GOOD, "max_tokens": 2, **fields}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", _chat(seed=INT64_MAX + 1), "seed"),
+    ("/v1/chat/completions", _chat(seed=INT64_MIN - 1), "seed"),
+    ("/v1/chat/completions", _chat(seed=2**64), "seed"),  # beyond 64 bits: JSON parsers turn it into a float
+    ("/v1/chat/completions", _chat(seed=1.5), "seed"),
+    ("/v1/chat/completions", _chat(top_k=INT32_MAX + 1), "top_k"),
+    ("/v1/chat/completions", _chat(top_k=-2), "top_k"),
+    ("/v1/chat/completions", _chat(max_tokens=INT32_MAX + 1), "max_tokens"),
+    ("/v1/chat/completions", _chat(max_completion_tokens=INT32_MAX + 1), "max_completion_tokens"),
+    ("/v1/chat/completions", _chat(max_completion_tokens=2, max_tokens=INT64_MAX + 1), "max_tokens"),
+    ("/v1/chat/completions", _chat(n=True), "n"),
+    ("/v1/chat/completions", _chat(temperature=101), "temperature"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}',
+     "temperature"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -1e400}', "top_p"),
+    ("/v1/chat/completions", _chat(logprobs=2), "logprobs"),
+    ("/v1/chat/completions", _chat(top_logprobs=INT64_MAX + 1), "top_logprobs"),
+    ("/v1/chat/completions", _chat(stop_token_ids=[INT32_MAX + 1]), "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": [_assistant(generation_token_ids=[2**31])]},
+     "messages[0].generation_token_ids"),
+    ("/v1/chat/completions", {"messages": [_assistant(prompt_token_ids=[1, -1])]}, "messages[0].prompt_token_ids"),
+    ("/v1/chat/completions", {"messages": [_assistant(prompt_token_ids=[1, True])]}, "messages[0].prompt_token_ids"),
+    ("/v1/chat/completions", {"messages": [_assistant(generation_log_probs=[-1e39])]},
+     "messages[0].generation_log_probs"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "x", "prompt_token_ids": [1], '
+     b'"generation_token_ids": [3], "generation_log_probs": [-1e400]}]}', "messages[0].generation_log_probs"),
+    ("/admin/weights", {"version": INT64_MAX + 1}, "version"),
+    ("/admin/weights", {"version": 2**64}, "version"),
+    ("/admin/weights", {"version": -1}, "version"),
+])
+def test_out_of_range_value_is_400_naming_the_field_and_later_calls_are_recorded(
+        server: Server, path: str, body: Any, param: str) -> None:
+    r = _post(server, path, body)
+    _assert_error(r, 400, param)
+    assert r.json()["error"]["param"].startswith(param)  # an element of a list is named by its index
+    _assert_still_serving_and_recording(server)
+
+
+def test_policy_version_at_int64_max_is_recorded_and_never_bumped_past(server: Server) -> None:
+    before = httpx.get(f"{server.url}/health").json()["policy_version"]
+    try:
+        assert _post(server, "/admin/weights", {"version": INT64_MAX}).json()["policy_version"] == INT64_MAX
+        call = _post(server, "/v1/chat/completions", _chat(seed=INT64_MIN, top_k=INT32_MAX)).json()
+        assert call["gymtape"]["policy_version"] == INT64_MAX
+        import polars as pl
+
+        from recorder import Tape
+
+        row = Tape(server.log.parent / "tape").calls().filter(pl.col("call_id") == call["id"]).collect().row(
+            0, named=True)
+        assert (row["policy_version"], row["seed"], row["top_k"]) == (INT64_MAX, INT64_MIN, INT32_MAX)
+        # a bump without a version would overflow the column: refused before any weights are loaded
+        _assert_error(_post(server, "/admin/weights", {"path": str(server.log.parent)}), 400, "cannot be bumped")
+        assert httpx.get(f"{server.url}/health").json()["policy_version"] == INT64_MAX
+    finally:
+        assert _post(server, "/admin/weights", {"version": before}).status_code == 200
+    _assert_still_serving_and_recording(server)
+
+
+# (field, lowest accepted, highest accepted, tape column type or None when the field is not stored)
+INT_FIELDS = [
+    ("seed", INT64_MIN, INT64_MAX, "int64"),
+    ("top_k", -1, INT32_MAX, "int32"),
+    ("max_tokens", 1, INT32_MAX, "int32"),
+    ("max_completion_tokens", 1, INT32_MAX, "int32"),
+    ("top_logprobs", 0, 0, None),  # 1..20 are valid OpenAI but unsupported here: also a 400 naming it
+    ("n", 1, 1, None),
+]
+
+
+def _near_limits(lo: int, hi: int) -> Any:
+    from hypothesis import strategies as st
+
+    return st.one_of(st.integers(lo - 3, lo + 3), st.integers(hi - 3, hi + 3), st.integers(-(2**70), 2**70))
+
+
+def test_integer_fields_accept_exactly_what_fits_their_tape_column() -> None:
+    import pyarrow as pa
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from recorder.serve._openai import APIError, parse_chat
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(INT_FIELDS).flatmap(lambda f: st.tuples(st.just(f), _near_limits(f[1], f[2]))))
+    def check(case: tuple[tuple[str, int, int, str | None], int]) -> None:
+        (name, lo, hi, column), value = case
+        try:
+            req = parse_chat({"messages": GOOD, name: value}, vocab_size=1000)
+        except APIError as e:
+            assert not lo <= value <= hi, f"{name}={value} is in range but was refused: {e}"
+            assert e.param == name and name in str(e) and e.status == 400
+            return
+        assert lo <= value <= hi, f"{name}={value} does not fit but was accepted"
+        stored = {"seed": req.seed, "top_k": req.top_k, "max_tokens": req.max_tokens,
+                  "max_completion_tokens": req.max_tokens}.get(name)
+        if column is not None:
+            assert stored == value
+            assert pa.array([stored], type=getattr(pa, column)()).to_pylist() == [value]
+
+    check()
+
+
+def test_out_of_range_integers_near_the_limits_are_refused_by_the_server(server: Server) -> None:
+    """The same property over HTTP (only refusals: each is answered before any generation)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    fields = INT_FIELDS + [("version", 0, INT64_MAX, "int64")]
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.sampled_from(fields).flatmap(
+        lambda f: st.tuples(st.just(f), _near_limits(f[1], f[2]).filter(lambda v: not f[1] <= v <= f[2]))))
+    def check(case: tuple[tuple[str, int, int, str | None], int]) -> None:
+        (name, _, _, _), value = case
+        path, body = ("/admin/weights", {"version": value}) if name == "version" else \
+            ("/v1/chat/completions", _chat(**{name: value}))
+        r = _post(server, path, body)
+        _assert_error(r, 400, name)
+        assert r.json()["error"]["param"] == name
+
+    check()
+    _assert_still_serving_and_recording(server)
