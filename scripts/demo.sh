@@ -36,7 +36,7 @@ echo "== 2. gymtape record: the built-in multi-step 'calculator' environment (to
 echo "== 3. stop the server (it closes its tape writer)"
 kill -TERM "$SERVER"; wait "$SERVER" || true; trap - EXIT
 
-echo "== 4. gymtape compact: merge the small shards the server flushed every few seconds into one per table"
+echo "== 4. gymtape compact: merge the small shards (the server's and the recorder's) into one per table"
 "$BIN/gymtape" compact "$OUT/tape"
 
 echo "== 5. gymtape inspect (tape bytes against the same rollouts as Gym JSONL)"
