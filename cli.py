@@ -1,13 +1,17 @@
 """The `gymtape` command: one subcommand per job.
 
-Each subcommand is a thin layer over the package API; errors that gymtape raises on purpose
-are printed as one line (exit code 2), anything else is a bug and keeps its traceback.
+Each subcommand is a thin layer over the package API. A failure the user can fix (every
+``GymtapeError``, and ``OSError``: a full disk, a missing path, no permission) is printed as
+one line naming the file and what to do, exit code 2; ``--debug`` (or ``GYMTAPE_DEBUG=1``)
+shows its traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from functools import wraps
 from pathlib import Path
@@ -27,18 +31,78 @@ err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: Set by the ``--debug`` flag (or ``GYMTAPE_DEBUG=1``) for the command being run.
+_debug = {"on": False}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", envvar="GYMTAPE_DEBUG",
+                                                 help="Show the traceback of an error instead of one line.")]
+             = False) -> None:
+    _debug["on"] = debug
+
+
+#: What to do about an OSError, by errno: the line a user reads instead of a traceback.
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space there (or write somewhere else) and run the command again",
+    errno.EDQUOT: "the disk quota is used up: free space there (or write somewhere else) and run the command again",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder where a file was expected: give a file",
+    errno.EACCES: "permission denied: check its permissions, or use a path you may write",
+    errno.EPERM: "operation not permitted: check its permissions, or use a path you may write",
+    errno.EROFS: "the filesystem is read-only: write somewhere else",
+    errno.EEXIST: "it already exists: remove it or choose another name",
+    errno.ENAMETOOLONG: "the file name is too long: choose a shorter path",
+    errno.EIO: "an input/output error: the disk or network share may be failing; check it and run again",
+}
+
+
+def _error_line(e: BaseException) -> str | None:
+    """The one line a user reads for ``e`` (None: a bug, keep the traceback)."""
+    from recorder import GymtapeError
+
+    if isinstance(e, GymtapeError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
+        advice = _OS_ADVICE.get(e.errno) if e.errno is not None else None
+        what = e.strerror or str(e) or type(e).__name__
+        return f"{where}: {what}" + (f"; {advice}" if advice else "")
+    return None
+
+
 def _friendly(fn: F) -> F:
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from recorder import GymtapeError
-
         try:
             return fn(*args, **kwargs)
-        except GymtapeError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            line = _error_line(e)
+            if line is None or _debug["on"]:
+                raise
+            from rich.markup import escape
+
+            err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, markup=True)
             raise typer.Exit(2) from None
 
     return run  # type: ignore[return-value]
+
+
+@contextmanager
+def _naming(path: object, *, always: bool = False) -> Iterator[None]:
+    """Name ``path`` in an OSError that names no file (pyarrow's do not), so its one line does;
+    ``always``: also in one that names a file of its own (a hidden temporary file)."""
+    from recorder import GymtapeError
+
+    try:
+        yield
+    except OSError as e:
+        if not isinstance(e, GymtapeError) and (e.filename is None or always):
+            e.filename, e.filename2 = str(path), None
+        raise
 
 
 def _flag_values(ctx: typer.Context, config_cls: type, *, renames: dict[str, str] | None = None,
@@ -70,8 +134,13 @@ def ingest(
              "(or those files).", exists=True)],
     tape: Annotated[str, typer.Option("--tape", help="Tape directory or URL (created or appended to).")],
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed line instead of skipping it.")] = False,
+    vocab_size: Annotated[int | None, typer.Option("--vocab-size", min=1, help="The tokenizer's vocabulary size: a "
+                                                   "line with a token ID at or above it is malformed (default: only "
+                                                   "IDs outside 0..2^31-1 are).")] = None,
 ) -> None:
-    """Convert NeMo Gym rollout JSONL, or Gym's token-capture store, into a tape (re-running skips what is there)."""
+    """Convert NeMo Gym rollout JSONL, or Gym's token-capture store, into a tape (re-running skips what is there).
+
+    Exit code 1 when lines were given but none could be ingested (every one malformed)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from recorder import ingest_gym_jsonl
@@ -86,17 +155,29 @@ def ingest(
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("ingest", total=total)
-        report = ingest_gym_jsonl(files, tape, strict=strict, progress=lambda n: bar.advance(task, n))
+        with _naming(tape):
+            report = ingest_gym_jsonl(files, tape, strict=strict, progress=lambda n: bar.advance(task, n),
+                                      vocab_size=vocab_size)
+    from rich.markup import escape
+
     for e in report.errors[:20]:
-        err.print(f"[yellow]skipped[/] {e}", highlight=False)
+        err.print(f"[yellow]skipped[/] {escape(str(e))}", highlight=False)
     if len(report.errors) > 20:
         err.print(f"[yellow]... and {len(report.errors) - 20} more malformed lines[/]")
+    for f in report.flagged[:20]:
+        err.print(f"[yellow]flagged[/] {escape(f)}", highlight=False)
+    if len(report.flagged) > 20:
+        err.print(f"[yellow]... and {len(report.flagged) - 20} more calls with invalid logprobs[/]")
     ts = ", ".join(f"{k}={v}" for k, v in sorted(report.token_status.items()))
     err.print(
         f"ingested {report.rollouts} rollouts, {report.calls} calls from {report.lines} lines into {tape}"
         f" (token fields: {ts or 'none'}; already on tape: {report.skipped_existing}; malformed: {len(report.errors)})",
         highlight=False,
     )
+    if report.errors and not report.rollouts and not report.skipped_existing:
+        err.print(f"[bold red]error:[/] none of the {report.lines} lines of {escape(', '.join(map(str, files)))} could "
+                  "be ingested (every one is malformed, see above): is it NeMo Gym rollout JSONL?", highlight=False)
+        raise typer.Exit(1)
 
 
 def _ingest_capture(paths: list[Path], tape: str, strict: bool) -> None:
@@ -181,7 +262,7 @@ def export(
     else:
         from recorder import atomic_file
 
-        with atomic_file(out) as f:
+        with _naming(out, always=True), atomic_file(out) as f:
             n = export_gym_jsonl(tape, f)
     err.print(f"exported {n} rollouts ({format.value})")
 
@@ -414,9 +495,15 @@ def synth(
     """Make synthetic multi-turn Gym rollout JSONL (random tokens) to try gymtape without a model."""
     import orjson
 
-    from recorder import synthesize_gym_rollouts
+    from recorder import GymFormatError, synthesize_gym_rollouts
 
-    task_lines = [orjson.loads(line) for line in tasks.read_bytes().splitlines() if line.strip()]
+    task_lines = []
+    for n, line in enumerate(tasks.read_bytes().splitlines(), 1):
+        if line.strip():
+            try:
+                task_lines.append(orjson.loads(line))
+            except orjson.JSONDecodeError as e:
+                raise GymFormatError(str(tasks), n, f"not a JSON task line ({e}); give Gym task JSONL") from e
     n = 0
     with open(out, "wb") as f:
         for line in synthesize_gym_rollouts(task_lines, repeats=repeats, calls=calls, context_tokens=context_tokens,
@@ -527,7 +614,7 @@ def record(
             else f"{report.done / dt:.2f} rollouts/s"
         progress.update(state["task"], advance=n, rate=rate)
 
-    with progress:
+    with progress, _naming(cfg.tape):
         report = run_record(cfg, on_result=on_result, on_start=on_start,
                             on_message=lambda m: err.print(m, style="yellow", markup=False, highlight=False))
     for f in report.failures[:10]:
@@ -562,6 +649,15 @@ def serve(
     upstream: Annotated[str | None, typer.Option(help="vllm: URL of a running vLLM server (else one is started).")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (not on /health).",
                                                 envvar="GYMTAPE_API_KEY")] = None,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body; a larger one is answered 413 before "
+                                                        "it is read.")] = 32 * 2**20,
+    max_requests_in_flight: Annotated[int, typer.Option(help="Requests handled at once (/health not counted); more "
+                                                             "are answered 429 with Retry-After.")] = 512,
+    allow_origin: Annotated[list[str] | None, typer.Option(help="A browser origin allowed to call the server, e.g. "
+                                                                "http://localhost:3000 (repeatable; '*': any). Other "
+                                                                "cross-site requests are refused 403.")] = None,
+    openapi: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (behind --api-key when "
+                                               "set).")] = False,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer directory (default: the model's).")] = None,
     chat_template: Annotated[str | None, typer.Option(help="Jinja chat template file overriding the tokenizer's.")] = None,
     eos_token: Annotated[str | None, typer.Option(help="End-of-turn token for the splice (default: eos).")] = None,
@@ -591,6 +687,8 @@ def serve(
     values = _flag_values(ctx, ServeConfig, renames={"vllm_arg": "vllm_args"}, given_only=config is not None)
     if "vllm_args" in values:
         values["vllm_args"] = tuple(values["vllm_args"] or ())
+    if "allow_origin" in values:
+        values["allow_origin"] = tuple(values["allow_origin"] or ())
     settings = ServeConfig(**values) if config is None else dataclasses.replace(ServeConfig.from_file(config), **values)
     run_server(settings)
 

@@ -25,10 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from _report import machine, target  # noqa: E402
+from _report import _CORES, machine, target  # noqa: E402
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -235,7 +236,12 @@ def main() -> int:
         # -- added latency
         print(f"# latency: {args.pairs} sequential pairs, max_tokens {args.max_tokens}, A/B order alternating",
               flush=True)
+        load_before = os.getloadavg()
         lat = latency(vllm.url, gym.url, args.pairs, warmup=10, max_tokens=args.max_tokens)
+        load_after = os.getloadavg()
+        print(f"# latency: machine load average (1, 5, 15 min) {load_before[0]:.2f} {load_before[1]:.2f} "
+              f"{load_before[2]:.2f} before, {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} after "
+              f"({_CORES} cores; above ~{_CORES} other work competes with vLLM and gymtape)", flush=True)
         n_same = sum(lat["same"])
         eq = [i for i in range(args.pairs) if lat["d_tok"][i] == lat["g_tok"][i]]
         use = eq if len(eq) >= max(10, args.pairs // 2) else list(range(args.pairs))
@@ -283,7 +289,7 @@ def main() -> int:
 
         # -- memory: every call gymtape served counts (all are new rollouts), the earlier phases' included
         pid = gym.proc.pid
-        flush_wait = 6.5  # CallLog flushes the tape every 5 s (checked every 1.25 s): sample with buffers published
+        flush_wait = 6.5  # rows are durable when answered; give the recorder's background work (sealing) a moment
         print(f"# memory: new-rollout calls through gymtape up to {args.memory_calls} served in all, {c} in flight, "
               f"max_tokens 1, compact prompts; RSS (VmRSS) of pid {pid} after >= {first_sample} and "
               f"{args.memory_calls} calls, "

@@ -32,7 +32,8 @@ that exist::
     ├── RecordConfigError            a record configuration is invalid (recorder.collect) [ValueError]
     │   └── UnknownEnvError          no built-in environment has that name [KeyError]
     ├── ReplayError                  replay was asked for something it cannot do (replay)
-    │   └── UnknownMetricError       a --fail-above names no metric
+    │   ├── UnknownMetricError       a --fail-above names no metric
+    │   └── TokenOutOfVocabError     a tape's token ID is outside the scoring model's vocabulary
     ├── ReplayModelError             the re-scoring model cannot be loaded or run
     ├── EngineReplayError            re-scoring on a live engine failed
     ├── DiffError                    two tapes cannot be compared as asked
@@ -68,7 +69,7 @@ class CorruptShardError(TapeError):
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(
-            f"shard {path} cannot be read: {reason}. Move the file out of the tape "
+            f"shard {path} cannot be read: {reason.rstrip('. ')}. Move the file out of the tape "
             "(the other shards stay readable) or re-record that part."
         )
         self.path = path

@@ -14,7 +14,7 @@ from ._check import CheckReport, check_tape
 from ._diff import DiffError, DiffReport, diff_tapes
 from ._render import print_check, print_diff, print_replay, print_summary, write_diff_html, write_replay_html
 from ._engine_url import EngineReplayError
-from ._replay import ReplayError, ReplayReport, UnknownMetricError, parse_fail_above, replay_tape
+from ._replay import ReplayError, ReplayReport, TokenOutOfVocabError, UnknownMetricError, parse_fail_above, replay_tape
 
 _TORCH_NAMES = ("ReplayModelError", "ScoreSettings", "load_model", "score_sequences")
 #: replay's names for the mismatch metrics, which are defined once, in trainer_bridge (that loads torch).
@@ -41,4 +41,4 @@ __all__ = ["CheckReport", "check_tape", "print_check", "print_summary"]
 __all__ += ["DiffError", "DiffReport", "diff_tapes", "print_diff", "print_replay", "write_diff_html",
             "write_replay_html"]
 __all__ += ["EngineReplayError", "ReplayError", "ReplayModelError", "ReplayReport", "ScoreSettings",
-            "UnknownMetricError", "grouped_metrics", "load_model", "parse_fail_above", "replay_tape", "score_sequences", "token_metrics"]
+            "TokenOutOfVocabError", "UnknownMetricError", "grouped_metrics", "load_model", "parse_fail_above", "replay_tape", "score_sequences", "token_metrics"]

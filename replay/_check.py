@@ -1,5 +1,9 @@
 """`gymtape check`: structural train-generation consistency checks over a tape (no model needed).
 
+Per shard: a shard that cannot be read (a damaged footer or page, a failed page checksum, the
+wrong schema) is an **unreadable_shard** problem naming it; the rest of the tape is checked
+without its rows (so rollouts whose calls were in it show up as missing_calls too).
+
 Per rollout row, referential integrity (:func:`recorder.rollout_integrity`, the rule every
 reader shares):
 
@@ -49,13 +53,14 @@ from typing import Any
 import numpy as np
 import orjson
 
-from recorder import (INTEGRITY_ROLLOUT_COLUMNS, ListColumn, Tape, broken_rollouts, common_prefix_len,
-                      resolve_tokenizer, rollout_integrity)
+from recorder import (INTEGRITY_ROLLOUT_COLUMNS, CorruptShardError, ListColumn, Tape, broken_rollouts,
+                      common_prefix_len, resolve_tokenizer, rollout_integrity)
 
 SCHEMA_VERSION = 1
 
 #: Problem types, in the order they are reported.
 PROBLEM_TYPES = (
+    "unreadable_shard",
     "missing_calls",
     "incomplete",
     "retokenization",
@@ -122,6 +127,8 @@ class CheckReport:
     #: Rollout rows on the tape, and those a retry of the same (env, task, repeat) replaced.
     rollout_rows: int = 0
     rollouts_superseded: int = 0
+    #: Shards that cannot be read (their rows were left out of the check), by path.
+    unreadable_shards: list[str] = field(default_factory=list)
     #: Every rollout row that points at missing calls or is incomplete, named (see
     #: :func:`recorder.broken_rollouts`; ``missing_call_indices`` lists the first few gaps).
     broken_rollouts: list[dict[str, Any]] = field(default_factory=list)
@@ -174,6 +181,7 @@ class CheckReport:
             "rollouts_incomplete": self.totals["incomplete"],
             "rollouts_superseded": self.rollouts_superseded,
             "broken_rollouts": list(self.broken_rollouts),
+            "unreadable_shards": list(self.unreadable_shards),
             "calls": self.calls,
             "checkable_calls": self.checkable_calls,
             "not_checkable": self.not_checkable,
@@ -357,7 +365,9 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, ma
         st.add("tokenizer_mismatch", None, None, None, resolved.mismatch,
                {"tape_tokenizer": recorded.to_dict(), "tokenizer": ident.to_dict()})
 
-    table = tape.read("calls", _COLUMNS).sort_by([("rollout_id", "ascending"), ("call_index", "ascending")])
+    unreadable: list[CorruptShardError] = []
+    table = tape.read("calls", _COLUMNS, unreadable=unreadable).sort_by([("rollout_id", "ascending"),
+                                                                        ("call_index", "ascending")])
     report.calls = table.num_rows
     ranges: dict[str, tuple[int, int]] = {}
     if table.num_rows:
@@ -365,7 +375,10 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, ma
         ranges = cols.ranges
         _field_checks(cols, tok, st)
         _walk(cols, tok, _Renderer(tokenizer, tok), st)
-    _integrity(tape, table, ranges, st)
+    _integrity(tape, table, ranges, st, unreadable)
+    for e in unreadable:
+        report.unreadable_shards.append(e.path)
+        st.add("unreadable_shard", None, None, None, str(e), {"shard": e.path})
     report.rollouts = len(ranges)
     report.verdicts = [RolloutVerdict(rid, b - a, dict(sorted(st.per_rollout.get(rid, {}).items())))
                        for rid, (a, b) in ranges.items()]
@@ -377,9 +390,10 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, ma
     return report
 
 
-def _integrity(tape: Tape, calls: Any, ranges: dict[str, tuple[int, int]], st: _State) -> None:
+def _integrity(tape: Tape, calls: Any, ranges: dict[str, tuple[int, int]], st: _State,
+               unreadable: list[CorruptShardError]) -> None:
     """Rollout rows whose calls are missing, and incomplete ones: one problem per rollout."""
-    rollouts = tape.read("rollouts", INTEGRITY_ROLLOUT_COLUMNS)
+    rollouts = tape.read("rollouts", INTEGRITY_ROLLOUT_COLUMNS, unreadable=unreadable)
     report = st.report
     report.rollout_rows = rollouts.num_rows
     if rollouts.num_rows == 0:
@@ -557,7 +571,7 @@ def _walk(c: _Columns, tok: _Tok, renderer: _Renderer, st: _State) -> None:
                     if messages is None:  # previous call's messages not materialised (cache hit)
                         messages = _messages_upto(c, a, row)
                     messages = messages[:mpl] + orjson.loads(nm)
-            ok_tokens = c.token_status[row] == "ok"
+            ok_tokens = c.token_status[row] in ("ok", "invalid_logprobs")  # the IDs are fine either way
             if gl[row] and ok_tokens and not oov_gen[row]:
                 retok_rows.append(row)
             if nm is not None and ok_tokens and not broken and renderer.error is None:

@@ -52,6 +52,12 @@ class UnknownMetricError(ReplayError):
     """A ``--fail-above`` threshold names a metric the report does not have."""
 
 
+class TokenOutOfVocabError(ReplayError):
+    """A token ID of the tape is outside the scoring model's vocabulary: the tape was recorded
+    with another model or tokenizer (the message names the rollout, the call, the ID and the
+    vocabulary size)."""
+
+
 @dataclass
 class ReplayReport:
     """The outcome of :func:`replay_tape`; :meth:`to_dict` is the ``gymtape.replay/1`` JSON."""
@@ -171,6 +177,10 @@ def replay_tape(
     decoding_tokenizer, warnings = _tokenizers(tape, model, tokenizer, allow_tokenizer_mismatch)
     seqs = build_sequences(tape)
     flat = _flatten(seqs)
+    if engine_url is None:  # where the IDs meet the model: before it indexes its embedding with them
+        vocab = _model_vocab_size(model)
+        if vocab is not None:
+            _check_vocab(flat, vocab, str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__)
     calls = _call_table(tape, flat)
     warnings += calls.warnings
     tok = _generated_tokens(flat, calls)
@@ -268,6 +278,55 @@ def replay_tape(
         skipped=calls.skipped, overall=overall, by_position=by_position, rollouts=rollouts, worst_tokens=worst,
         details=details, threshold_failures=failures, warnings=warnings,
     )
+
+
+# -- the model's vocabulary ----------------------------------------------------------------------------
+
+
+def _model_vocab_size(model: Any) -> int | None:
+    """Rows of the model's input embedding: from a loaded model, or a checkpoint's config.json
+    (read before the weights load, so a wrong model fails fast). None when it cannot be told."""
+    if isinstance(model, (str, os.PathLike)):
+        import json
+
+        try:
+            config = json.loads((Path(model) / "config.json").read_bytes())
+        except (OSError, ValueError):
+            return None  # load_model names what is wrong with the directory
+        size = config.get("vocab_size") if isinstance(config, dict) else None
+        if size is None and isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+            size = config["text_config"].get("vocab_size")
+        return size if isinstance(size, int) and size > 0 else None
+    embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        rows = getattr(embeddings(), "num_embeddings", None) if callable(embeddings) else None
+    except (NotImplementedError, AttributeError):
+        rows = None
+    if isinstance(rows, int):
+        return rows
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _check_vocab(flat: _Flat, vocab: int, model: str) -> None:
+    """Refuse token IDs the model has no embedding for, naming the first (rollout, call, ID)."""
+    bad = (flat.ids < 0) | (flat.ids >= vocab)
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    s = int(np.searchsorted(flat.offsets, i, side="right")) - 1
+    rid = flat.rollout_ids[int(flat.seq_rollout[s])]
+    ci = int(flat.call_index[i])
+    part = "generated"
+    if ci < 0:  # a prompt token: it belongs to the next call of its sequence
+        part = "prompt"
+        later = np.flatnonzero(flat.call_index[i: int(flat.offsets[s + 1])] >= 0)
+        ci = int(flat.call_index[i + int(later[0])]) if later.size else -1
+    where = f"rollout {rid} call {ci}" if ci >= 0 else f"rollout {rid}"
+    raise TokenOutOfVocabError(
+        f"{where}: {part} token ID {int(flat.ids[i])} is outside the vocabulary of the model {model} "
+        f"({vocab} IDs, 0..{vocab - 1}); {int(bad.sum())} token IDs of the tape are. The tape was recorded with "
+        "another model or tokenizer: replay with that one (--model), and see `gymtape check` for the whole tape")
 
 
 # -- tape → flat per-token arrays ------------------------------------------------------------------------
@@ -460,12 +519,19 @@ class _Decoder:
     def text(self, ids: np.ndarray) -> str:
         if self.tok is None:
             return "".join(f"<{int(i)}>" for i in ids)
+        n = len(self.tok)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):  # beyond the tokenizer: shown as <id?>
+            return "".join(self.text(ids[i: i + 1]) if 0 <= int(ids[i]) < n else f"<{int(ids[i])}?>"
+                           for i in range(ids.size))
         return self.tok.decode(ids.tolist(), skip_special_tokens=False)
 
     def pieces(self, ids: np.ndarray) -> list[str]:
         if self.tok is None:
             return [f"<{int(i)}>" for i in ids]
-        return self.tok.batch_decode(ids.reshape(-1, 1).tolist(), skip_special_tokens=False)
+        n = len(self.tok)
+        return [self.tok.decode([int(i)], skip_special_tokens=False) if 0 <= int(i) < n else f"<{int(i)}?>"
+                for i in ids] if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n) else \
+            self.tok.batch_decode(ids.reshape(-1, 1).tolist(), skip_special_tokens=False)
 
 
 def _worst_tokens(tok: _Tokens, flat: _Flat, replayed: np.ndarray, decoder: _Decoder, k: int) -> list[dict[str, Any]]:

@@ -39,13 +39,17 @@ from ._advantages import Degenerate, group_advantages
 from ._errors import BridgeValueError
 from ._filters import ROLLOUT_META_COLUMNS, TapeFilters, effective_group_keys, estimated_tokens, first_row_per_rollout
 from ._microbatch import MicroBatch, packed_windows
-from ._packing import plan_bins
+from ._packing import Bins, packed_bins
 from ._sequences import CALL_COLUMNS, ROLLOUT_COLUMNS, SequencePlan, plan_sequences
 
 Shard = tuple[int, int, int, int]  # (rank, world_size, worker_id, num_workers)
 
 #: Bins' worth of tokens planned together (see ``TapeDataset._bins``).
 PLAN_WINDOW_BINS = 64
+#: Tokens packed per window (whole bins; see ``packed_windows``): about 17 bytes of arrays per
+#: token, so a window's arrays (4.5 MB) and the next one's stay in a server's L3 cache while
+#: they are written and consumed; a window of 1M tokens (18 MB) costs a fifth more per token.
+WINDOW_TOKENS = 1 << 18
 #: ``cache=None`` caches the planned sequences when the tape's calls shards total at most this.
 CACHE_AUTO_BYTES = 256 << 20
 
@@ -178,8 +182,7 @@ class TapeDataset(IterableDataset):
                 calls = calls.filter(pc.is_in(calls["rollout_id"], value_set=wanted))
             plan = plan_sequences(calls, self._rollouts, include_open=False)
             if plan is not None:
-                where = pc.index_in(plan.values["rollout_id"], value_set=self._rollouts["rollout_id"].combine_chunks())
-                self._full = (plan, where.to_numpy(zero_copy_only=False).astype(np.int64))
+                self._full = (plan, plan.rollout_row)
 
     @property
     def num_rollouts(self) -> int:
@@ -263,37 +266,39 @@ class TapeDataset(IterableDataset):
         advantage of each sequence. Nothing is packed yet."""
         epoch = self.epoch if epoch is None else epoch
         shard = self.current_shard() if shard is None else shard
+        plan, bins, advantages = self._plan(epoch, shard)
+        return plan, bins.as_list(), advantages
+
+    def _plan(self, epoch: int, shard: Shard) -> tuple[SequencePlan | None, Bins, np.ndarray]:
         rows = self.assignment(epoch, shard)
         if self._full is not None:
             plan, rollout_of_seq = self._full
-            slot = np.full(self.num_rollouts, -1, dtype=np.int64)
-            slot[rows] = np.arange(rows.size)
-            where = slot[rollout_of_seq]  # position of each sequence's rollout in this shard's order, or -1
-            advantages = self._advantages[rollout_of_seq]
-            order = np.flatnonzero(where >= 0)
-            order = order[np.argsort(where[order], kind="stable")]
         else:
-            mine = self._rollouts.take(pa.array(rows, pa.int64()))
-            calls = Tape(self._storage).read("calls", CALL_COLUMNS)
-            if mine.num_rows != self._rollouts.num_rows:
-                calls = calls.filter(pc.is_in(calls["rollout_id"], value_set=mine["rollout_id"].combine_chunks()))
-            plan = plan_sequences(calls, mine, include_open=False) if mine.num_rows else None
+            # The shard's rollouts are planned by row: other shards' calls are left out by index,
+            # nothing is copied.
+            plan = None
+            if rows.size:
+                calls = Tape(self._storage).read("calls", CALL_COLUMNS)
+                plan = plan_sequences(calls, self._rollouts, include_open=False, rows=rows)
             if plan is None:
-                return None, [], np.zeros(0, np.float32)
-            where = pc.index_in(plan.values["rollout_id"], value_set=mine["rollout_id"].combine_chunks())
-            where = where.to_numpy(zero_copy_only=False).astype(np.int64)
-            advantages = self._advantages[rows][where]
-            order = np.argsort(where, kind="stable")  # rows already come in (rollout, segment) order
+                return None, Bins(np.zeros(0, np.int64), np.zeros(0, np.int64)), np.zeros(0, np.float32)
+            rollout_of_seq = plan.rollout_row
+        slot = np.full(self.num_rollouts, -1, dtype=np.int64)
+        slot[rows] = np.arange(rows.size)
+        where = slot[rollout_of_seq]  # position of each sequence's rollout in this shard's order, or -1
+        advantages = self._advantages[rollout_of_seq]
+        order = np.flatnonzero(where >= 0)
+        order = order[np.argsort(where[order], kind="stable")]  # ties keep (rollout, segment) order
         # Plan in this shard's shuffled group order (ties in length keep it), then shuffle the bins.
         nonempty = order[plan.lengths[order] > 0]
         bins = self._bins(plan.lengths, nonempty)
-        if self.shuffle and bins:
+        if self.shuffle and len(bins):
             rank, world, worker, workers = shard
             perm = np.random.default_rng([self.seed, epoch, rank, world, worker, workers]).permutation(len(bins))
-            bins = [bins[i] for i in perm]
+            bins = bins.reorder(perm)
         return plan, bins, advantages
 
-    def _bins(self, lengths: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    def _bins(self, lengths: np.ndarray, rows: np.ndarray) -> Bins:
         """First-fit-decreasing bins (C2 ``plan_bins``) over consecutive windows of ``rows``.
 
         First-fit scans the open bins for every sequence, so one plan over a whole shard costs
@@ -301,13 +306,15 @@ class TapeDataset(IterableDataset):
         it linear in the shard, and leave at most one part-filled bin per window.
         """
         if rows.size == 0:
-            return []
+            return Bins(np.zeros(0, np.int64), np.zeros(0, np.int64))
         window = np.cumsum(lengths[rows]) // (PLAN_WINDOW_BINS * self.token_budget)
         cuts = np.flatnonzero(np.diff(window)) + 1
-        bins: list[np.ndarray] = []
-        for part in np.split(rows, cuts):
-            bins += [part[b] for b in plan_bins(lengths[part], self.token_budget, max_seqs=self.max_seqs_per_batch)]
-        return bins
+        parts = [packed_bins(lengths[part], self.token_budget, max_seqs=self.max_seqs_per_batch)
+                 for part in np.split(rows, cuts)]
+        # Each window's members index its part of `rows`: offset them, then map through `rows`.
+        offset = np.repeat(np.concatenate([[0], cuts]), [p.members.size for p in parts])
+        return Bins(rows[np.concatenate([p.members for p in parts]) + offset],
+                    np.concatenate([p.sizes for p in parts]))
 
     def __iter__(self) -> Iterator[MicroBatch]:
         shard = self.current_shard()
@@ -315,12 +322,14 @@ class TapeDataset(IterableDataset):
         epoch = self.epoch
         skip = self._skip.get(key, 0)
         self._check_skip_keys(shard)
-        plan, bins, advantages = self.plan(epoch, shard)
+        plan, bins, advantages = self._plan(epoch, shard)
         if plan is None or skip >= len(bins):
             return
         weights = np.ones(plan.num_sequences, np.float32)
-        window = max(1 << 20, 4 * self.token_budget)
-        for batch in packed_windows(plan, bins[skip:], advantages, weights, epoch=epoch, shard=shard,
+        window = max(WINDOW_TOKENS, 4 * self.token_budget)
+        if skip:
+            bins = Bins(bins.members[int(bins.sizes[:skip].sum()):], bins.sizes[skip:])
+        for batch in packed_windows(plan, bins, advantages, weights, epoch=epoch, shard=shard,
                                     first_index=skip, window_tokens=window):
             self._consumed[key] = batch.batch_index + 1
             yield batch

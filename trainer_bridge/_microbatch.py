@@ -9,17 +9,16 @@ whichever feeds it. Bins come from C2's :func:`~trainer_bridge.plan_bins`; each 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from ._packing import PackedBatch, pack, plan_bins
-from ._runs import RunStore
-from ._sequences import SequencePlan
+from ._packing import Bins, PackedBatch, pack, plan_bins
+from ._runs import Fill, RunStore, copy_runs
+from ._sequences import _GEN, SequencePlan
 
 #: Per-token arrays every micro-batch carries in ``extras`` (each ``[1, T]``).
 EXTRA_KEYS = ("loss_mask", "behaviour_logprobs", "advantages", "weights")
@@ -61,6 +60,50 @@ class MicroBatch(PackedBatch):
     @property
     def num_generated(self) -> int:
         return int(self.extras["loss_mask"].sum().item())
+
+
+#: Per-sequence bookkeeping a training step does not read: cut for a packed micro-batch when first read.
+_LAZY_FIELDS = frozenset({"sequence_ids", "group_keys", "rewards", "seq_advantages", "seq_weights"})
+
+
+class _PackedMicroBatch(MicroBatch):
+    """A :class:`MicroBatch` from :func:`packed_windows`: the same fields and values, but its
+    per-sequence bookkeeping (``sequence_ids``, ``group_keys``, ``rewards``, ``seq_advantages``,
+    ``seq_weights``) is cut from the epoch's arrays when first read (a training step reads the
+    token tensors and ``cu_seqlens``, so the loader does not make three tensors and two lists
+    per micro-batch for it). Pickles (DataLoader workers) and copies as a plain MicroBatch."""
+
+    def __getattr__(self, name: str) -> object:  # only for attributes not set yet
+        if name not in _LAZY_FIELDS or "_book" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        book, m0, m1 = self.__dict__["_book"]
+        value = self.__dict__[name] = book.cut(name, m0, m1)
+        return value
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return MicroBatch, tuple(getattr(self, f.name) for f in fields(MicroBatch))
+
+
+class _Bookkeeping:
+    """One packed epoch's per-sequence values, in micro-batch order (see :class:`_PackedMicroBatch`)."""
+
+    def __init__(self, plan: SequencePlan, order: np.ndarray, advantages: np.ndarray, weights: np.ndarray) -> None:
+        self._plan, self._order = plan, order
+        self._arrays = {"seq_advantages": advantages, "seq_weights": weights}
+        self._lists: dict[str, list] = {}
+
+    def cut(self, name: str, m0: int, m1: int) -> object:
+        if name in ("sequence_ids", "group_keys"):
+            values = self._lists.get(name)
+            if values is None:  # all of them at once: one conversion, then slices
+                column = self._plan.values["sequence_id" if name == "sequence_ids" else "group_key"]
+                values = self._lists[name] = column.take(self._order).to_pylist()
+            return values[m0:m1]
+        arr = self._arrays.get(name)
+        if arr is None:
+            reward = self._plan.values["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
+            arr = self._arrays[name] = reward[self._order]
+        return torch.from_numpy(arr[m0:m1])
 
 
 class SequenceArrays:
@@ -123,107 +166,124 @@ def _values(col: pa.ChunkedArray) -> np.ndarray:
 
 def packed_windows(
     plan: SequencePlan,
-    bins: list[np.ndarray],
+    bins: list[np.ndarray] | Bins,
     advantages: np.ndarray,
     weights: np.ndarray,
     *,
     epoch: int = 0,
     shard: tuple[int, int, int, int] = (0, 1, 0, 1),
     first_index: int = 0,
-    window_tokens: int = 1 << 20,
+    window_tokens: int = 1 << 18,
 ) -> Iterator[MicroBatch]:
     """Micro-batches for ``bins`` (sequence rows of ``plan``), packed straight from the stored columns.
 
-    Bins are processed in windows of about ``window_tokens`` tokens: the window's sequences are
-    gathered back to back in one pass per column (one copy per run of stored tokens), and each
-    micro-batch is a slice of the window's arrays. Equal to :meth:`SequenceArrays.micro_batch`
-    on the same bins (a test holds them equal). Everything per micro-batch is a slice; the
-    per-token work is per window.
+    Equal to :meth:`SequenceArrays.micro_batch` on the same bins (a test holds them equal).
+    What is per run of stored tokens, per sequence or per bin is worked out once for all bins
+    (numpy over the runs, never over tokens). Tokens move in windows of about
+    ``window_tokens`` tokens (whole bins): ONE copy per window writes the window's input IDs,
+    positions, logprobs, advantages (weights) and loss mask into one buffer, run by run
+    (:func:`~trainer_bridge._runs.copy_runs`); each micro-batch's tensors are slices of it.
+    Per micro-batch that leaves seven tensor views and an object; its per-sequence bookkeeping
+    is cut when first read (:class:`_PackedMicroBatch`). Once a window's micro-batches are
+    consumed only the next window's buffer is alive, and a window small enough to stay in
+    cache is cheaper per token to write than a large one.
     """
-    if not bins:
+    if not isinstance(bins, Bins):
+        bins = Bins.of(bins)
+    n_bins = len(bins)
+    if n_bins == 0:
         return
-    ids_col = plan.values["sequence_id"].to_pylist()
-    groups_col = plan.values["group_key"].to_pylist()
-    rewards_col = plan.values["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
-    advantages = np.asarray(advantages, dtype=np.float32)
-    weights = np.asarray(weights, dtype=np.float32)
-    sizes = np.fromiter((b.size for b in bins), np.int64, len(bins))
-    every = np.concatenate(bins)
-    seq_end = np.cumsum(sizes)
-    tokens = np.add.reduceat(plan.lengths[every], seq_end - sizes) if every.size else np.zeros(len(bins), np.int64)
+    sizes = bins.sizes
+    order = bins.members  # every sequence, in micro-batch order
+    lengths = plan.lengths[order]
+    seq_off = np.zeros(order.size + 1, dtype=np.int64)  # first token of each sequence
+    np.cumsum(lengths, out=seq_off[1:])
+    bin_seq = np.zeros(n_bins + 1, dtype=np.int64)  # first sequence of each bin
+    np.cumsum(sizes, out=bin_seq[1:])
+    bin_tok = seq_off[bin_seq]  # first token of each bin
+    tokens = np.diff(bin_tok)
     # Windows: runs of whole bins of about window_tokens each (a bin larger than that is one window).
-    window_of = (np.cumsum(tokens) - tokens) // window_tokens
-    cuts = np.flatnonzero(np.diff(window_of)) + 1
-    edges = [0, *cuts.tolist(), len(bins)]
-    ones = torch.ones(1, 1)
-    for start, stop in pairwise(edges):
-        order = every[int(seq_end[start] - sizes[start]):int(seq_end[stop - 1])]
-        lengths = plan.lengths[order]
-        ids, lp, is_gen, piece_len = plan.gather(order)
-        bin_sizes = sizes[start:stop]
-        bin_tokens = tokens[start:stop].tolist()
-        # Window-wide [1, T] tensors, cut into micro-batches by torch.split (views, no copies).
-        # Built in Arrow's memory pool, which keeps freed pages: fresh numpy arrays of this size
-        # would be page-faulted in anew for every window.
-        per_token = [
-            _tensor(ids),
-            _tensor(_ramp(int(lengths.max())).gather(np.zeros(order.size, np.int64), lengths)),
-            _tensor(_repeat(is_gen.view(np.uint8), piece_len)).view(torch.bool),
-            _tensor(lp),
-            _tensor(_repeat(advantages[order], lengths)),
-        ]
-        w = weights[order]
-        if (w == 1.0).all():  # the dataset's case: a broadcast view per micro-batch, no memory
-            cut_w = torch.split(ones.expand(1, int(lengths.sum())), bin_tokens, dim=1)
-        else:
-            cut_w = torch.split(torch.from_numpy(np.repeat(w, lengths))[None], bin_tokens, dim=1)
-        ids_t, pos_t, mask_t, lp_t, adv_t = (torch.split(v, bin_tokens, dim=1) for v in per_token)
-        # cu_seqlens of every bin, back to back: 0, then each member's end relative to its bin's start.
-        bounds = np.zeros(bin_sizes.size + 1, dtype=np.int64)
-        np.cumsum(bin_sizes, out=bounds[1:])
-        seq_off = np.zeros(order.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=seq_off[1:])
-        bin_start = np.repeat(seq_off[bounds[:-1]], bin_sizes)
-        ends = (seq_off[1:] - bin_start).astype(np.int32)
-        cu = torch.split(torch.from_numpy(np.insert(ends, bounds[:-1], 0)), (bin_sizes + 1).tolist())
-        split_sizes = bin_sizes.tolist()
-        rew, adv, wts = (torch.split(torch.from_numpy(v[order]), split_sizes) for v in (rewards_col, advantages, weights))
-        rows = order.tolist()
-        seq_ids = [ids_col[i] for i in rows]
-        keys = [groups_col[i] for i in rows]
-        for j, (s0, s1) in enumerate(pairwise(bounds.tolist())):
-            yield MicroBatch(
-                ids_t[j], pos_t[j], cu[j], order[s0:s1],
-                {"loss_mask": mask_t[j], "behaviour_logprobs": lp_t[j], "advantages": adv_t[j], "weights": cut_w[j]},
-                sequence_ids=seq_ids[s0:s1], group_keys=keys[s0:s1],
-                rewards=rew[j], seq_advantages=adv[j], seq_weights=wts[j],
-                epoch=epoch, shard=shard, batch_index=first_index + start + j,
-            )
+    cuts = np.flatnonzero(np.diff(bin_tok[:-1] // window_tokens)) + 1
+    edges = [0, *cuts.tolist(), n_bins]
+
+    # Every per-token array is runs of a source, each run a binary view into one buffer list:
+    # token IDs (a run per stored piece), positions (a run of a 0, 1, 2, ... ramp per sequence),
+    # logprobs (the generation's, or zeros, per piece), advantages (the sequence's value),
+    # weights (unless all ones) and the loss mask (bytes: 1 on generated pieces). A window's
+    # arrays are then one copy into one buffer.
+    rows, seq_piece = plan.piece_rows(order)
+    p = plan.pieces
+    src, piece_len = p.src[rows], p.len[rows]
+    is_gen = p.kind[rows] == _GEN
+    advantages = np.asarray(advantages, dtype=np.float32)[order]
+    weights = np.asarray(weights, dtype=np.float32)[order]
+    all_ones = bool((weights == 1.0).all())
+    ramp = _ramp(int(lengths.max()))
+    adv_fill = Fill.of(advantages, lengths)
+    w_fill = None if all_ones else Fill.of(weights, lengths)
+    mask_fill = Fill(np.array([0, 1], np.uint8), is_gen, piece_len)
+    stores = [plan.store_ids, ramp, plan.store_lp, adv_fill.store, *([w_fill.store] if w_fill else []),
+              mask_fill.store]
+    base = np.cumsum([0, *(len(st.buffers) for st in stores)]).tolist()
+    buffers = [b for st in stores for b in st.buffers]
+    # Region by region: the views, and where each sequence's views start (None: one view each).
+    regions = [
+        (plan.store_ids.views(src, piece_len, buffer_base=base[0]), seq_piece),
+        (ramp.views(np.zeros(order.size, np.int64), lengths, buffer_base=base[1]), None),
+        (plan.store_lp.views(plan.lp_sources(src, is_gen), piece_len, buffer_base=base[2]), seq_piece),
+        (adv_fill.views(buffer_base=base[3]), adv_fill.bounds),
+        *([(w_fill.views(buffer_base=base[4]), w_fill.bounds)] if w_fill else []),
+        (mask_fill.views(buffer_base=base[-2]), mask_fill.bounds[seq_piece]),
+    ]
+    del rows, src, is_gen
+
+    # cu_seqlens of every bin, back to back: 0, then each member's end relative to its bin's start.
+    cu = np.zeros(order.size + n_bins, dtype=np.int32)
+    member = np.arange(order.size) + np.repeat(np.arange(1, n_bins + 1), sizes)
+    cu[member] = seq_off[1:] - np.repeat(bin_tok[:-1], sizes)
+    cu_t = _cut(torch.from_numpy(cu), (sizes + 1).tolist())
+    book = _Bookkeeping(plan, order, advantages, weights)
+    bin_tokens = tokens.tolist()
+    if all_ones:  # the dataset's case: a broadcast view per micro-batch, no memory
+        ones_t = _cut(torch.ones(1, 1).expand(1, int(seq_off[-1])), bin_tokens, dim=1)
+    starts = bin_seq.tolist()
+    wide = 4 + (w_fill is not None)  # 4-byte regions before the mask bytes
+    new = object.__new__
+
+    for b0, b1 in pairwise(edges):
+        s0, s1 = starts[b0], starts[b1]
+        n = int(seq_off[s1] - seq_off[s0])
+        views = np.concatenate([v[s0:s1] if at is None else v[int(at[s0]):int(at[s1])] for v, at in regions])
+        data = np.frombuffer(copy_runs(views, buffers, (4 * wide + 1) * n), np.uint8)
+        flat = torch.from_numpy(data[:4 * wide * n].view(np.int32))[None]
+        cut = bin_tokens[b0:b1]
+        ids = _cut(flat[:, :n], cut, dim=1)
+        pos = _cut(flat[:, n:2 * n], cut, dim=1)
+        lp = _cut(flat[:, 2 * n:3 * n].view(torch.float32), cut, dim=1)
+        adv = _cut(flat[:, 3 * n:4 * n].view(torch.float32), cut, dim=1)
+        wts = ones_t[b0:b1] if all_ones else _cut(flat[:, 4 * n:5 * n].view(torch.float32), cut, dim=1)
+        mask = _cut(torch.from_numpy(data[4 * wide * n:].view(np.bool_))[None], cut, dim=1)
+        del data, flat
+        for j in range(b1 - b0):
+            b = b0 + j
+            m0, m1 = starts[b], starts[b + 1]
+            mb = new(_PackedMicroBatch)
+            mb.__dict__ = {
+                "input_ids": ids[j], "position_ids": pos[j], "cu_seqlens": cu_t[b], "index": order[m0:m1],
+                "extras": {"loss_mask": mask[j], "behaviour_logprobs": lp[j], "advantages": adv[j],
+                           "weights": wts[j]},
+                "epoch": epoch, "shard": shard, "batch_index": first_index + b, "_book": (book, m0, m1),
+            }
+            yield mb
         # Let go of this window before gathering the next: once its micro-batches are consumed,
         # one window's arrays are alive at a time, not two.
-        del ids, lp, per_token, ids_t, pos_t, mask_t, lp_t, adv_t, cut_w
+        del ids, pos, lp, mask, adv, wts
 
 
-def _tensor(arr: pa.Array) -> torch.Tensor:
-    """``[1, n]`` tensor over a freshly built Arrow array's memory (no copy)."""
-    return torch.from_numpy(_writable(arr))[None]
-
-
-def _repeat(values: np.ndarray, counts: np.ndarray) -> pa.Array:
-    """``np.repeat(values, counts)`` computed by Arrow (run-end decoding), in Arrow's memory pool."""
-    keep = counts > 0
-    ends = np.cumsum(counts[keep]).astype(np.int32)
-    return pc.run_end_decode(pa.RunEndEncodedArray.from_arrays(pa.array(ends), pa.array(values[keep])))
-
-
-def _writable(arr: pa.Array) -> np.ndarray:
-    """A writable numpy view of a freshly built Arrow array (torch refuses read-only memory);
-    copies only when Arrow does not hand out its buffer as mutable."""
-    buf = arr.buffers()[1]
-    if arr.null_count == 0 and buf is not None and buf.is_mutable:
-        dtype = arr.type.to_pandas_dtype()
-        return np.frombuffer(buf, dtype=dtype)[arr.offset: arr.offset + len(arr)]
-    return arr.to_numpy(zero_copy_only=False).copy()
+def _cut(t: torch.Tensor, sizes: list[int], dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """``torch.split`` without autograd's view tracking (about a fifth less per piece, and a
+    micro-batch is ten pieces): these tensors never require grad and are handed out read-only."""
+    return torch.unsafe_split_with_sizes(t, sizes, dim=dim)
 
 
 _RAMP = RunStore([pa.array(np.arange(0, dtype=np.int32))])

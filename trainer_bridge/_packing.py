@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +34,11 @@ def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = 
     Bins come out in the order they were opened (longest sequences first); each bin's indices
     are in decreasing-length order. The loop is per sequence, never per token.
     """
+    return packed_bins(lengths, token_budget, max_seqs=max_seqs).as_list()
+
+
+def packed_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = None) -> Bins:
+    """:func:`plan_bins` as :class:`Bins` (what the loader works with: no array per bin)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if token_budget <= 0:
         raise BridgeValueError(f"token_budget must be positive, got {token_budget}")
@@ -40,17 +46,19 @@ def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = 
         raise BridgeValueError(f"max_seqs must be positive, got {max_seqs}")
     order = np.argsort(-lengths, kind="stable")
     sizes = lengths[order].tolist()
-    smallest = sizes[-1] if sizes else 0
+    if not sizes:
+        return Bins(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    smallest = sizes[-1]
     limit = max_seqs if max_seqs is not None else len(sizes) + 1
-    members: list[list[int]] = []
+    bin_of = [0] * len(sizes)  # the bin of each sequence, in decreasing-length order
     room: list[int] = []  # free tokens per bin
     count: list[int] = []  # sequences per bin
     # Bins that can still take a sequence, in opening order. A bin with less room than the
     # shortest sequence (or full by count) never takes another, so first fit over this list
     # is first fit over all bins, and the scan stays short.
     open_bins: list[int] = []
-    room_np = np.zeros(max(len(sizes), 1), dtype=np.int64)  # the same rooms, for scans over many bins
-    for i, n in zip(order.tolist(), sizes):
+    room_np: np.ndarray | None = None  # the same rooms, for scans over many open bins
+    for j, n in enumerate(sizes):
         b = -1
         if n <= token_budget:
             if len(open_bins) <= _PYTHON_SCAN_BINS:
@@ -59,23 +67,63 @@ def plan_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None = 
                         b = k
                         break
             else:
+                if room_np is None:
+                    room_np = np.zeros(len(sizes), dtype=np.int64)
+                    room_np[:len(room)] = room
                 cand = np.asarray(open_bins)
                 fits = cand[room_np[cand] >= n]
                 fits = [k for k in fits.tolist() if count[k] < limit][:1]
                 b = fits[0] if fits else -1
         if b < 0:
-            b = len(members)
-            members.append([])
+            b = len(room)
             room.append(token_budget)
             count.append(0)
             open_bins.append(b)
-        members[b].append(i)
-        room[b] -= n
-        room_np[b] = room[b]
-        count[b] += 1
-        if room[b] < smallest or count[b] >= limit:
+        bin_of[j] = b
+        left = room[b] = room[b] - n
+        if room_np is not None:
+            room_np[b] = left
+        c = count[b] = count[b] + 1
+        if left < smallest or c >= limit:
             open_bins.remove(b)
-    return [np.asarray(m, dtype=np.int64) for m in members]
+    bins = np.asarray(bin_of, dtype=np.int64)
+    # Each bin's members in the order they were placed (decreasing length), bins in opening order.
+    return Bins(order[np.argsort(bins, kind="stable")], np.bincount(bins, minlength=len(room)))
+
+
+class Bins(NamedTuple):
+    """Bins of sequence indices as two arrays: every bin's members back to back, and each bin's
+    size. What the loader plans and packs with: no array object per bin."""
+
+    members: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, bins: Sequence[np.ndarray]) -> Bins:
+        sizes = np.fromiter(map(len, bins), np.int64, len(bins))
+        members = np.concatenate(bins).astype(np.int64, copy=False) if bins else np.zeros(0, np.int64)
+        return cls(members, sizes)
+
+    def __len__(self) -> int:  # the number of bins
+        return self.sizes.size
+
+    def starts(self) -> np.ndarray:
+        """Where each bin's members start in :attr:`members` (``len + 1`` bounds)."""
+        bounds = np.zeros(self.sizes.size + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=bounds[1:])
+        return bounds
+
+    def as_list(self) -> list[np.ndarray]:
+        return np.split(self.members, self.starts()[1:-1]) if self.sizes.size else []
+
+    def reorder(self, which: np.ndarray) -> Bins:
+        """The bins ``which`` (indices of bins), in that order."""
+        which = np.asarray(which, dtype=np.int64)
+        sizes = self.sizes[which]
+        new = np.zeros(sizes.size, dtype=np.int64)
+        np.cumsum(sizes[:-1], out=new[1:])
+        at = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(self.starts()[:-1][which] - new, sizes)
+        return Bins(self.members[at], sizes)
 
 
 @dataclass

@@ -15,8 +15,9 @@ once), never a Python loop per token or per call: the loader's throughput rests 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 
 from recorder import Tape, TapeError
 
-from ._filters import first_row_per_rollout
+from ._errors import BridgeValueError
 from ._runs import RunStore
 
 #: Calls columns the builder reads (only these are decoded from Parquet).
@@ -135,8 +136,9 @@ class _Pieces:
         """
         if targets.size == 0:
             return self
-        prev = targets - 1
-        take = np.isin(self.seg, prev)
+        is_prev = np.zeros(copy_len.size, dtype=bool)
+        is_prev[targets - 1] = True
+        take = is_prev[self.seg]
         seg, src, length = self.seg[take], self.src[take], self.len[take]
         end = np.cumsum(length)
         seg_start = np.zeros(seg.size, dtype=bool)
@@ -149,11 +151,16 @@ class _Pieces:
         new_len = np.minimum(length, want - within)[keep]
         copies = _Pieces(seg=seg[keep] + 1, kind=np.full(new_len.size, _COPY, np.int8), src=src[keep], len=new_len,
                          call=np.full(new_len.size, -1, dtype=self.call.dtype))
-        fields = ("seg", "kind", "src", "len", "call")
-        merged = {f: np.concatenate([getattr(copies, f), getattr(self, f)]) for f in fields}
-        # Stable sort by segment: a segment's copy pieces (first in the concatenation) precede its own.
-        order = np.argsort(merged["seg"], kind="stable")
-        return _Pieces(**{f: v[order] for f, v in merged.items()})
+        # Merge (both are sorted by segment): a segment's copy pieces go just before its own.
+        at = np.searchsorted(self.seg, copies.seg, side="left")
+        copy_to = at + np.arange(at.size)
+        own_to = np.arange(self.seg.size) + np.searchsorted(at, np.arange(self.seg.size), side="right")
+        merged = {}
+        for f in ("seg", "kind", "src", "len", "call"):
+            mine, theirs = getattr(self, f), getattr(copies, f)
+            out = merged[f] = np.empty(mine.size + theirs.size, dtype=mine.dtype)
+            out[copy_to], out[own_to] = theirs, mine
+        return _Pieces(**merged)
 
 
 def sequences_from_tables(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = True) -> pa.Table:
@@ -182,7 +189,8 @@ class SequencePlan:
     store_lp: RunStore  # generation logprobs, then ``widest`` zeros (float32)
     n_suffix: int
     widest: int
-    values: dict[str, pa.Array]  # per-sequence columns of SEQUENCE_SCHEMA (not the token lists)
+    values: Mapping[str, pa.Array]  # per-sequence columns of SEQUENCE_SCHEMA (not the token lists)
+    rollout_row: np.ndarray  # each sequence's row in the rollouts table planned with (-1: none, an open rollout)
 
     @property
     def num_sequences(self) -> int:
@@ -192,17 +200,26 @@ class SequencePlan:
         """The sequences ``seqs`` back to back, in that order: (input_ids int32, behaviour_logprobs
         float32, and per piece whether it is generated and its length: the loss mask is
         ``np.repeat(is_gen, piece_len)``)."""
-        seqs = np.asarray(seqs, dtype=np.int64)
-        count = self.piece_count[seqs]
-        total = int(count.sum())
-        out_start = np.zeros(seqs.size, dtype=np.int64)
-        np.cumsum(count[:-1], out=out_start[1:])
-        rows = np.arange(total, dtype=np.int64) + np.repeat(self.piece_start[seqs] - out_start, count)
+        rows, _ = self.piece_rows(seqs)
         p = self.pieces
         src, length, is_gen = p.src[rows], p.len[rows], p.kind[rows] == _GEN
         ids = self.store_ids.gather(src, length)
-        lp = self.store_lp.gather(np.where(is_gen, src - self.n_suffix, len(self.store_lp) - self.widest), length)
+        lp = self.store_lp.gather(self.lp_sources(src, is_gen), length)
         return ids, lp, is_gen, length
+
+    def piece_rows(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pieces of the sequences ``seqs``, back to back (rows of :attr:`pieces`), and where
+        each sequence's pieces start among them (``seqs.size + 1`` bounds)."""
+        seqs = np.asarray(seqs, dtype=np.int64)
+        count = self.piece_count[seqs]
+        bounds = np.zeros(seqs.size + 1, dtype=np.int64)
+        np.cumsum(count, out=bounds[1:])
+        rows = np.arange(int(bounds[-1]), dtype=np.int64) + np.repeat(self.piece_start[seqs] - bounds[:-1], count)
+        return rows, bounds
+
+    def lp_sources(self, src: np.ndarray, is_gen: np.ndarray) -> np.ndarray:
+        """Where in :attr:`store_lp` each piece's logprobs start: its generation's, or zeros."""
+        return np.where(is_gen, src - self.n_suffix, len(self.store_lp) - self.widest)
 
     def table(self) -> pa.Table:
         """The C1 sequence table (schema :data:`SEQUENCE_SCHEMA`), rows in (rollout, segment) order."""
@@ -223,16 +240,39 @@ class SequencePlan:
         return pa.Table.from_arrays([columns[f.name] for f in SEQUENCE_SCHEMA], schema=SEQUENCE_SCHEMA)
 
 
-def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = True) -> SequencePlan | None:
-    """The :class:`SequencePlan` of already-read tables (None when no call gives a sequence)."""
-    rollouts = first_row_per_rollout(rollouts)
-    calls = _keep_usable_calls(calls, rollouts, include_open)
+def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = True,
+                   rows: np.ndarray | None = None) -> SequencePlan | None:
+    """The :class:`SequencePlan` of already-read tables (None when no call gives a sequence).
+
+    ``rows``: plan only the rollouts at these rows of ``rollouts`` (with ``include_open=False``:
+    a loader shard's share of a selection, without taking those rows out of the table first).
+    """
     if calls.num_rows == 0:
         return None
-
-    rid_codes, rid_dict = _codes(calls["rollout_id"])
+    if rows is not None and include_open:
+        raise BridgeValueError("plan_sequences(rows=...) plans rows of `rollouts`: pass include_open=False")
+    # Rollout IDs are hashed once: each call gets the code of its rollout, each code its rollout
+    # row (the first, as first_row_per_rollout keeps), and which rollouts can give a sequence is
+    # a flag per code. Unusable calls are left out by index, never by filtering the table (which
+    # would copy every token of the kept calls).
+    rid_codes, rid_dict, row_of_code = _codes(calls["rollout_id"], rollouts)
+    usable = _usable_rollouts(calls, rid_codes, rollouts, row_of_code, include_open)
+    if rows is not None:
+        wanted = np.zeros(rollouts.num_rows + 1, dtype=bool)  # the last: no row
+        wanted[np.asarray(rows, dtype=np.int64)] = True
+        usable &= wanted[row_of_code]
+    keep = usable[rid_codes]
+    kept = None if keep.all() else np.flatnonzero(keep)
+    if kept is not None and kept.size == 0:
+        return None
     call_index = _np(calls["call_index"], np.int64)
-    order = np.lexsort((call_index, rid_codes))
+    # Calls in (rollout, call index) order: a compacted tape stores them so already.
+    key = rid_codes * (int(call_index.max()) + 1) + call_index if call_index.size else call_index
+    if kept is not None:
+        key = key[kept]
+    order = np.argsort(key, kind="stable")
+    if kept is not None:
+        order = kept[order]
     rid = rid_codes[order]
     ci = call_index[order]
     prefix = _np(calls["prefix_len"], np.int64)[order]
@@ -242,9 +282,9 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
     glp = _list(calls["generation_logprobs"])
     s_start, s_len = suffix[0][order], suffix[1][order]
     g_start, g_len = gen[0][order], gen[1][order]
-    if not np.array_equal(gen[1], glp[1]):
+    if not np.array_equal(g_len, glp[1][order]):
         raise TapeError("a call's generation_logprobs is not as long as its generation_ids; the tape is corrupt")
-    if any(v.null_count for v in (*suffix[2], *gen[2], *glp[2])):
+    if any(v.null_count for v in (*suffix[2], *gen[2], *glp[2])) and _null_in_kept(calls, order):
         raise TapeError("a call's prompt_suffix_ids, generation_ids or generation_logprobs holds a null value; "
                         "the tape is corrupt (run `gymtape check`)")
 
@@ -294,25 +334,33 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
     widest = int(pieces.len.max()) if pieces.len.size else 0
 
     # Per-sequence values.
-    num_generated = np.add.reduceat(g_len, seg_first)
-    first_gen_at = np.minimum.reduceat(np.where(g_len > 0, plen, np.iinfo(np.int64).max), seg_first)
-    prompt_len = np.where(num_generated > 0, first_gen_at, seg_len)
-    versions = _np(calls["policy_version"], np.int64)[order]
-    seq_rid = rid_dict.take(pa.array(rid[seg_first]))
+    def num_generated() -> np.ndarray:
+        return np.add.reduceat(g_len, seg_first)
+
+    def prompt_len() -> np.ndarray:
+        first_gen_at = np.minimum.reduceat(np.where(g_len > 0, plen, np.iinfo(np.int64).max), seg_first)
+        return np.where(num_generated() > 0, first_gen_at, seg_len)
+
+    seq_codes = rid[seg_first]
+    seq_row = row_of_code[seq_codes]
     level = seg_level.astype(np.int32)
-    values = {
-        "sequence_id": pc.binary_join_element_wise(seq_rid, pc.cast(pa.array(level), pa.string()), "/"),
-        "rollout_id": seq_rid,
-        "segment": pa.array(level),
-        "split_reason": pa.array(np.where(level == 0, "start", "history_rewrite"), pa.string()),
-        "first_call_index": pa.array(ci[seg_first].astype(np.int32)),
-        "num_calls": pa.array((seg_last - seg_first + 1).astype(np.int32)),
-        "prompt_len": pa.array(prompt_len.astype(np.int32)),
-        "num_generated": pa.array(num_generated.astype(np.int32)),
-        **_join_rollouts(seq_rid, rollouts),
-        "min_policy_version": pa.array(np.minimum.reduceat(versions, seg_first)),
-        "max_policy_version": pa.array(np.maximum.reduceat(versions, seg_first)),
-    }
+    versions = calls["policy_version"]
+    # Per-sequence columns, each made when first read: the loader reads three of them,
+    # :meth:`SequencePlan.table` all.
+    values = _LazyColumns({
+        "sequence_id": lambda: pc.binary_join_element_wise(
+            values["rollout_id"], pc.cast(pa.array(level), pa.string()), "/"),
+        "rollout_id": lambda: rid_dict.take(pa.array(seq_codes)),
+        "segment": lambda: pa.array(level),
+        "split_reason": lambda: pc.if_else(pa.array(level == 0), "start", "history_rewrite"),
+        "first_call_index": lambda: pa.array(ci[seg_first].astype(np.int32)),
+        "num_calls": lambda: pa.array((seg_last - seg_first + 1).astype(np.int32)),
+        "prompt_len": lambda: pa.array(prompt_len().astype(np.int32)),
+        "num_generated": lambda: pa.array(num_generated().astype(np.int32)),
+        **_joined_columns(seq_row, rollouts),
+        "min_policy_version": lambda: pa.array(np.minimum.reduceat(_np(versions, np.int64)[order], seg_first)),
+        "max_policy_version": lambda: pa.array(np.maximum.reduceat(_np(versions, np.int64)[order], seg_first)),
+    })
     return SequencePlan(
         pieces=pieces,
         piece_start=piece_start,
@@ -324,6 +372,7 @@ def plan_sequences(calls: pa.Table, rollouts: pa.Table, *, include_open: bool = 
         n_suffix=n_suffix_vals,
         widest=widest,
         values=values,
+        rollout_row=seq_row,
     )
 
 
@@ -357,30 +406,54 @@ def _list(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, list
     return np.concatenate(starts), np.concatenate(lengths), values
 
 
-def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """Integer code per row and the dictionary, codes ordered like the strings (sorted dictionary)."""
+def _codes(col: pa.ChunkedArray, rollouts: pa.Table) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """Integer code per call, the dictionary (codes ordered like the strings: sorted), and each
+    code's row in ``rollouts`` (its first row with that rollout_id; -1 when it has none)."""
     enc = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
     dictionary = enc.dictionary
-    rank = np.empty(len(dictionary), dtype=np.int64)
-    sort = pc.sort_indices(dictionary).to_numpy()
-    rank[sort] = np.arange(sort.size)
-    return rank[enc.indices.to_numpy()], dictionary.take(pa.array(sort))
-
-
-def _keep_usable_calls(calls: pa.Table, rollouts: pa.Table, include_open: bool) -> pa.Table:
-    """Drop calls of rollouts that cannot give a sequence (token_status not ok; open ones if asked)."""
-    if calls.num_rows == 0:
-        return calls
-    rid = calls["rollout_id"]
-    bad_calls = pc.not_equal(calls["token_status"], "ok")
-    bad_rids = pc.unique(pc.filter(rid, bad_calls))
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    n = len(dictionary)
+    if n < 2 or pc.all(pc.less(dictionary.slice(0, n - 1), dictionary.slice(1))).as_py():
+        ordered = dictionary  # first-seen order is string order: calls stored by rollout (compacted)
+    else:
+        sort = pc.sort_indices(dictionary).to_numpy()
+        rank = np.empty(n, dtype=np.int64)
+        rank[sort] = np.arange(n)
+        codes, ordered = rank[codes], dictionary.take(pa.array(sort))
     if rollouts.num_rows:
-        bad_rollouts = pc.filter(rollouts["rollout_id"], pc.not_equal(rollouts["token_status"], "ok"))
-        bad_rids = pa.concat_arrays([bad_rids.cast(pa.string()), bad_rollouts.combine_chunks()])
-    keep = pc.invert(pc.is_in(rid, value_set=bad_rids))
+        row = pc.index_in(ordered, value_set=rollouts["rollout_id"].combine_chunks())  # first occurrence
+        row_of_code = pc.fill_null(row, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        row_of_code = np.full(len(ordered), -1, dtype=np.int64)
+    return codes.astype(np.int64, copy=False), ordered, row_of_code
+
+
+def _usable_rollouts(calls: pa.Table, codes: np.ndarray, rollouts: pa.Table, row_of_code: np.ndarray,
+                     include_open: bool) -> np.ndarray:
+    """Per rollout code: can it give a sequence? Not when any of its calls, or its (first)
+    rollout row, has a token_status other than ``ok``; not without a rollout row unless
+    ``include_open``."""
+    usable = np.ones(row_of_code.size, dtype=bool)
+    bad_calls = _flag(pc.not_equal(calls["token_status"], "ok"))
+    usable[codes[bad_calls]] = False
+    has_row = row_of_code >= 0
+    if rollouts.num_rows:
+        bad_rows = _flag(pc.not_equal(rollouts["token_status"], "ok"))
+        usable[has_row] &= ~bad_rows[row_of_code[has_row]]
     if not include_open:
-        keep = pc.and_(keep, pc.is_in(rid, value_set=rollouts["rollout_id"].combine_chunks()))
-    return calls.filter(keep) if not pc.all(keep).as_py() else calls
+        usable &= has_row
+    return usable
+
+
+def _flag(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A boolean column as numpy, null as False (as ``filter`` reads it)."""
+    return _np(pc.fill_null(mask, False), bool)
+
+
+def _null_in_kept(calls: pa.Table, order: np.ndarray) -> bool:
+    """Whether a null token value belongs to one of the calls ``order`` (not to a call left out)."""
+    kept = calls.take(pa.array(order)).select(["prompt_suffix_ids", "generation_ids", "generation_logprobs"])
+    return any(pc.list_flatten(kept[c]).null_count for c in kept.column_names)
 
 
 def _check_calls(
@@ -415,13 +488,37 @@ def _check_calls(
         raise TapeError(f"{where}: prompt_len {int(plen[i])} != prefix_len + suffix length; the tape is corrupt")
 
 
-def _join_rollouts(seq_rid: pa.Array, rollouts: pa.Table) -> dict[str, pa.Array]:
+def _joined_columns(seq_row: np.ndarray, rollouts: pa.Table) -> dict[str, Callable[[], pa.Array]]:
+    """Makers of the rollout row's columns for each sequence (null, status ``open``, without a row)."""
     names = ["reward", "group_key", "env", "task_index", "rollout_index", "status"]
     if rollouts.num_rows == 0:
-        out = {c: pa.nulls(len(seq_rid), SEQUENCE_SCHEMA.field(c).type) for c in names}
-        out["status"] = pa.array([OPEN_STATUS] * len(seq_rid), pa.string())
+        out = {c: partial(pa.nulls, len(seq_row), SEQUENCE_SCHEMA.field(c).type) for c in names}
+        out["status"] = lambda: pa.array([OPEN_STATUS] * len(seq_row), pa.string())
         return out
-    idx = pc.index_in(seq_rid, value_set=rollouts["rollout_id"].combine_chunks())
-    out = {c: rollouts[c].combine_chunks().take(idx).cast(SEQUENCE_SCHEMA.field(c).type) for c in names}
-    out["status"] = pc.fill_null(out["status"], OPEN_STATUS)
-    return out
+    rows = pa.array(seq_row, mask=seq_row < 0)
+
+    def column(name: str) -> pa.Array:
+        col = rollouts[name].combine_chunks().take(rows).cast(SEQUENCE_SCHEMA.field(name).type)
+        return pc.fill_null(col, OPEN_STATUS) if name == "status" else col
+
+    return {c: partial(column, c) for c in names}
+
+
+class _LazyColumns(Mapping[str, pa.Array]):
+    """Named columns, each made by its maker when first read, then kept."""
+
+    def __init__(self, makers: dict[str, Callable[[], pa.Array]]) -> None:
+        self._makers = makers
+        self._made: dict[str, pa.Array] = {}
+
+    def __getitem__(self, name: str) -> pa.Array:
+        col = self._made.get(name)
+        if col is None:
+            col = self._made[name] = self._makers[name]()
+        return col
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)

@@ -310,11 +310,34 @@ def _validate(cfg: TrainConfig, tape: Path, model_url: str) -> dict[str, Any]:
     for key, repeats, sampling in runs:
         env = EnvConfig(name=f"{cfg.env}-validation", builtin=cfg.env, model_url=model_url, tasks=tasks,
                         task_indices=first, repeats=repeats, sampling=sampling)
+        since = time.time()
         report = record(RecordConfig(tape=tape, envs=[env], concurrency=cfg.concurrency, retries=1))
         out[key] = report.reward_sum / max(1, report.done)
         out["val_failed"] = out.get("val_failed", 0) + report.failed
+        if key == "val_reward":
+            out.update(_turn_rewards(tape, env.name, since))
     out["val_s"] = time.perf_counter() - t0
     return out
+
+
+def _turn_rewards(tape: Path, env: str, since: float) -> dict[str, Any]:
+    """Multi-turn envs (rollout extras ``turn_rewards``): mean reward of each turn and mean model
+    calls per rollout over the rollouts of ``env`` written since ``since`` (this validation pass)."""
+    import datetime
+
+    import polars as pl
+
+    from recorder import Tape
+
+    rows = (Tape(tape).rollouts().select("env", "num_calls", "extras_json", "created_at")
+            .filter((pl.col("env") == env) & (pl.col("created_at") >= datetime.datetime.fromtimestamp(
+                since, datetime.timezone.utc))).collect())
+    turns = [orjson.loads(e).get("turn_rewards") if e else None for e in rows["extras_json"].to_list()]
+    if not turns or any(t is None for t in turns):
+        return {}
+    width = max(len(t) for t in turns)
+    return {"val_turn_rewards": [float(np.mean([t[k] if k < len(t) else 0.0 for t in turns])) for k in range(width)],
+            "val_calls_mean": float(rows["num_calls"].mean())}
 
 
 # ----------------------------------------------------------------------------- the update
@@ -334,6 +357,8 @@ def _update(model: Any, optimizer: Any, batch: Any, cfg: TrainConfig) -> dict[st
     staleness = table["staleness"].to_numpy(zero_copy_only=False)
     out: dict[str, Any] = {
         "sequences": table.num_rows, "reward_batch": float(np.nanmean(rewards)) if rewards.size else None,
+        # model calls per training sequence: > 1 when multi-turn rollouts train as one sequence
+        "calls_mean": float(np.mean(table["num_calls"].to_numpy())) if table.num_rows else None,
         "staleness_mean": float(staleness.mean()) if staleness.size else None,
         "staleness_max": int(staleness.max()) if staleness.size else None,
     }
@@ -391,10 +416,13 @@ def _fmt(v: Any, spec: str) -> str:
 def _log_line(row: dict[str, Any]) -> str:
     return (f"step {row['step']:>3} v{row['policy_version']:<3} loss {_fmt(row.get('loss'), '+.4f')} "
             f"reward {_fmt(row.get('reward_mean'), '.3f')} val {_fmt(row.get('val_reward'), '.3f')}"
-            + (f"/{_fmt(row.get('val_reward_sampled'), '.3f')}s" if "val_reward_sampled" in row else "") + " "
+            + (f"/{_fmt(row.get('val_reward_sampled'), '.3f')}s" if "val_reward_sampled" in row else "")
+            + (" turns [" + ", ".join(f"{v:.3f}" for v in row["val_turn_rewards"]) + "]"
+               if row.get("val_turn_rewards") else "") + " "
             f"k3 {_fmt(row.get('kl_k3'), '.1e')} tmpe {_fmt(row.get('token_mult_prob_error'), '.4f')} "
             f"IS [{_fmt(row.get('is_weight_min'), '.3f')}, {_fmt(row.get('is_weight_max'), '.3f')}] "
             f"stale {_fmt(row.get('staleness_mean'), '.2f')}/{_fmt(row.get('staleness_max'), 'd')} "
+            f"calls {_fmt(row.get('calls_mean'), '.2f')} "
             f"tok {row.get('tokens', 0)} {row.get('seconds', 0):.1f}s")
 
 
@@ -533,6 +561,11 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, *, title: str = "gymtape 
     if val:
         ax1.plot([s for s, _ in val], [v for _, v in val], "o-", color="tab:red", lw=2,
                  label="validation reward (greedy, held-out)")
+    turns = [(r["step"], r["val_turn_rewards"]) for r in rows if r.get("val_turn_rewards")]
+    for k in range(max((len(t) for _, t in turns), default=0)):  # multi-turn envs: each turn's share
+        ax1.plot([s for s, t in turns if k < len(t)], [t[k] for _, t in turns if k < len(t)], ":", marker=".",
+                 color=("tab:pink", "tab:brown", "tab:olive", "tab:cyan")[k % 4], lw=1.5,
+                 label=f"validation, turn {k + 1} correct (greedy)")
     sampled = [(r["step"], r["val_reward_sampled"]) for r in rows if r.get("val_reward_sampled") is not None]
     if sampled:
         ax1.plot([s for s, _ in sampled], [v for _, v in sampled], "s--", color="tab:orange", lw=2,

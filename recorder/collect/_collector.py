@@ -315,6 +315,9 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
                       task_index: int, repeat: int, *, seed: int | None = None, first_url: int = 0
                       ) -> tuple[dict[str, Any], list[dict[str, Any] | None]]:
     """One episode of Gym's simple-agent loop against a chat endpoint; returns (Gym line, join info per call).
+    A multi-turn env (``env.follow_up``) answers each turn's final answer with its next user
+    message, appended to the chat messages and recorded in the output items as a Responses input
+    message (which Gym's Responses-to-chat conversion turns back into that user message).
     ``seed`` seeds the first call; each later call gets its own seed derived from it (the same
     seed on every turn would draw the same random numbers each turn). With several model URLs,
     call ``step`` goes to URL ``first_url + step`` (round robin), as a balancer might send it."""
@@ -326,7 +329,7 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
     params = {"temperature": rcp.get("temperature", 1.0), **{k: v for k, v in cfg.sampling.items()}}
     output: list[dict[str, Any]] = []
     joins: list[dict[str, Any] | None] = []
-    final_text: str | None = None
+    answers: list[str | None] = []  # each turn's final answer
     status = "completed"
     model_name = cfg.model
     urls = urls_of(cfg.model_url)
@@ -366,11 +369,16 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
         messages.append({k: v for k, v in msg.items() if v is not None})
         if choice.get("finish_reason") == "length":
             status = "incomplete"
-            final_text = msg.get("content")
+            answers.append(msg.get("content"))
             break
         if not calls:
-            final_text = msg.get("content")
-            break
+            answers.append(msg.get("content"))
+            follow_up = env.follow_up(task, len(answers) - 1, msg.get("content")) if env.follow_up else None
+            if follow_up is None or step + 1 == env.max_steps:  # no turn left to answer it
+                break
+            messages.append({"role": "user", "content": follow_up})
+            output.append({"type": "message", "role": "user", "content": [{"type": "input_text", "text": follow_up}]})
+            continue
         for c in calls:
             try:
                 args = orjson.loads(c["function"]["arguments"] or "{}")
@@ -379,7 +387,7 @@ async def run_builtin(client: httpx.AsyncClient, env: BuiltinEnv, cfg: EnvConfig
             result = env.call_tool(c["function"]["name"], args if isinstance(args, dict) else {}, task)
             messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
             output.append({"type": "function_call_output", "call_id": c["id"], "output": result})
-    reward, extras = env.verify(task, final_text)
+    reward, extras = env.score(task, answers)
     line = {
         "responses_create_params": rcp,
         "response": {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": time.time(),

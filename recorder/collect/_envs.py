@@ -28,10 +28,16 @@ def last_int(text: str | None) -> int | None:
     return int(found[-1]) if found else None
 
 
+def _json_int(value: int | None) -> int | str | None:
+    """An extracted answer as the rollout line stores it: JSON (orjson) holds 64-bit integers,
+    and a model may well answer with a longer one; that one is kept as its digits."""
+    return str(value) if value is not None and not -(2**63) <= value < 2**63 else value
+
+
 def _verify_number(task: dict[str, Any], answer: str | None) -> tuple[float, dict[str, Any]]:
     got = last_int(answer)
     expected = int(task["expected_answer"])
-    return float(got == expected), {"extracted_answer": got}
+    return float(got == expected), {"extracted_answer": _json_int(got)}
 
 
 _OPS: dict[type, Callable[..., Any]] = {
@@ -89,6 +95,13 @@ class BuiltinEnv:
     #: Which split a generated task may go to (None: any). Lets an env hold out questions, so
     #: its validation split measures questions the training split never asks.
     in_split: Callable[[dict[str, Any], str], bool] | None = None
+    #: Multi-turn envs: ``follow_up(task, turn, answer)`` is the environment's next user message
+    #: once turn ``turn`` (0-based) ended with the model's ``answer`` text, or None when the
+    #: episode is over. The agent loop sends it in the same conversation, after the model's own
+    #: turn (carried forward with its token IDs, so the server splices them).
+    follow_up: Callable[[dict[str, Any], int, str | None], str | None] | None = None
+    #: Multi-turn envs: the reward from every turn's final answer (None: ``verify`` on the last).
+    verify_turns: Callable[[dict[str, Any], list[str | None]], tuple[float, dict[str, Any]]] | None = None
 
     def tasks_path(self, split: str = "train") -> Path:
         if split not in SPLITS:
@@ -98,6 +111,12 @@ class BuiltinEnv:
     def call_tool(self, name: str, args: dict[str, Any], task: dict[str, Any]) -> str:
         tool = self.tools.get(name)
         return tool(args, task) if tool else f"error: no tool named {name!r}; available: {', '.join(self.tools)}"
+
+    def score(self, task: dict[str, Any], answers: list[str | None]) -> tuple[float, dict[str, Any]]:
+        """The rollout's reward from the final answer of each turn it reached, in order."""
+        if self.verify_turns is not None:
+            return self.verify_turns(task, answers)
+        return self.verify(task, answers[-1] if answers else None)
 
 
 def _addition_task(rng: random.Random) -> dict[str, Any]:
@@ -139,6 +158,37 @@ def _plus_split(task: dict[str, Any], split: str) -> bool:
     return ((a + 2 * b) % 3 == 0) == (split == "validation")
 
 
+def _followup_task(rng: random.Random) -> dict[str, Any]:
+    a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+    return {
+        "responses_create_params": {"input": [
+            {"role": "user", "content": f"What is {a} plus {b}? Answer briefly.", "type": "message"},
+        ]},
+        "expected_answer": str(a + b + c),
+        # The environment's messages after each turn, and the right answer of each turn.
+        "follow_ups": [f"Now add {c} to that. What is the total?"],
+        "expected_answers": [str(a + b), str(a + b + c)],
+    }
+
+
+def _scripted_follow_up(task: dict[str, Any], turn: int, answer: str | None) -> str | None:
+    """The task's ``follow_ups[turn]``: the same next question whatever the answer was (the
+    question refers to "that", the model's previous answer, in the conversation itself)."""
+    follow_ups = task.get("follow_ups") or []
+    return follow_ups[turn] if turn < len(follow_ups) else None
+
+
+def _verify_each_turn(task: dict[str, Any], answers: list[str | None]) -> tuple[float, dict[str, Any]]:
+    """Equal shares per turn: the last integer of each turn's answer against that turn's right
+    answer (the true running total, whatever the model said before); a turn not reached scores 0."""
+    expected = [int(x) for x in task["expected_answers"]]
+    got = [last_int(a) for a in answers[: len(expected)]]
+    got += [None] * (len(expected) - len(got))
+    turn_rewards = [float(g == e) for g, e in zip(got, expected)]
+    return sum(turn_rewards) / len(expected), {"extracted_answers": [_json_int(g) for g in got],
+                                               "turn_rewards": turn_rewards}
+
+
 BUILTIN_ENVS: dict[str, BuiltinEnv] = {
     "addition": BuiltinEnv("addition", "single step: add two numbers, verified by the last integer in the answer",
                            max_steps=1, tools={}, verify=_verify_number, make_task=_addition_task),
@@ -153,6 +203,18 @@ BUILTIN_ENVS: dict[str, BuiltinEnv] = {
     "plus": BuiltinEnv("plus", "single step: add two digits asked in words ('What is 8 plus 6?'), no system prompt; "
                        "verified by the last integer in the answer; validation asks pairs training never does",
                        max_steps=1, tools={}, verify=_verify_number, make_task=_plus_task, in_split=_plus_split),
+    # The multi-turn training demo (docs/trainer-bridge.md): `plus`'s question, then the
+    # environment's follow-up "Now add 4 to that. What is the total?", which only the
+    # conversation says what "that" is: two model calls per rollout, the second one's prompt
+    # holding the first one's tokens (gymtape serve splices them). Half the reward per turn; turn 2
+    # is checked against the true total. SmolLM2-135M answers turn 1 like `plus` (often cut off
+    # at 32 tokens, which ends the episode) and, when it gets to turn 2, mostly adds the new
+    # number to the wrong one.
+    "followup": BuiltinEnv("followup", "multi-turn: 'What is 3 plus 5?', then the env's follow-up 'Now add 4 to that. "
+                           "What is the total?'; half the reward per turn, each turn verified by the last integer "
+                           "of its answer against the true running total; validation asks pairs training never does",
+                           max_steps=2, tools={}, verify=_verify_number, make_task=_followup_task,
+                           in_split=_plus_split, follow_up=_scripted_follow_up, verify_turns=_verify_each_turn),
 }
 
 

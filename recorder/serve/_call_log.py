@@ -13,14 +13,21 @@ write-ahead log holds an answered call before the answer leaves. When the row ca
 to the client) and nothing of it is on the tape; the failure is counted for ``/health`` and the
 next commit tries again. The committer thread catches everything: it cannot die.
 
+The hot path is short on purpose (every step of it is paid by every call at concurrency 1,
+and on a busy machine each thread hand-off waits for a core): the event loop queues the row
+and awaits; the committer thread adds the group, makes it durable with one ``fdatasync``,
+writes the calls' index entries, and settles the group's futures with one wake-up per event
+loop. Sealing log segments into shards and settling claims happen after the answers went out.
+
 With a tape, rollout assignment is resolved on the tape, not in this process's memory, so
 several replicas can capture into one tape and a continuation may arrive at any of them: each
 recorded call's key goes to this writer's file of the tape's call-key index
-(``recorder.tape._keys``) in the same commit, written and fsynced alongside the log (the two
-fsyncs overlap), and a continuation claims the recorded call it continues with a no-clobber
-file (``recorder.tape._claims``), so identical greedy calls are continued once each, oldest
-first, whichever replica recorded them. A replica continuing another's rollout has no delta
-state for it and stores the call's full prompt.
+(``recorder.tape._keys``) once its row is durable, before it is answered; the log batch carries
+the same entries, so on a local disk the index needs no fsync of its own (see ``_keys``). A
+continuation claims the recorded call it continues with a no-clobber file
+(``recorder.tape._claims``), so identical greedy calls are continued once each, oldest first,
+whichever replica recorded them. A replica continuing another's rollout has no delta state for
+it and stores the call's full prompt.
 """
 
 from __future__ import annotations
@@ -32,12 +39,12 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .._errors import TapeValueError
 from ..tape._claims import CallClaims, Claim
-from ..tape._keys import KeyEntry, KeyIndex, KeyLog, call_key, now_ns
+from ..tape._keys import KeyEntry, KeyIndex, KeyLog, call_key, encode, now_ns
 from ..tape._meta import TokenizerIdentity
 from ..tape._records import CallRecord
 from ..tape._writer import TapeWriter
@@ -88,7 +95,8 @@ class CallLog:
             self.index = KeyIndex(self.writer.path, own=self.writer.writer_id, max_keys=4 * max_tracked)
             self.claims = CallClaims(self.writer.path, self.index)
             self.index.refresh()  # the calls other replicas recorded before this one started
-            self._keys_pool = ThreadPoolExecutor(1, thread_name_prefix="gymtape-keys")
+            # entries of rows still in the log are in their batches too; sealed rows' are synced
+            self.writer.before_seal = self.keys.sync
             self._settle_pool = ThreadPoolExecutor(1, thread_name_prefix="gymtape-claims")
             self._thread = threading.Thread(target=self._commit_loop, name="gymtape-recorder", daemon=True)
             self._thread.start()
@@ -205,56 +213,67 @@ class CallLog:
             try:
                 self._commit_group(group)
             except BaseException as e:  # never die: fail what is left of the group and go on
-                for _, done, loop in group:  # type: ignore[misc]
-                    _settle(loop, done, RecordingError(f"internal error while recording: {e!r}"))
+                _settle_all([(loop, done) for _, done, loop in group],  # type: ignore[misc]
+                            RecordingError(f"internal error while recording: {e!r}"))
                 self._note_failure(f"internal error while recording: {e!r}")
 
     def _commit_group(self, group: list) -> None:
         assert self.writer is not None
         added = []
         entries: list[tuple[bytes, KeyEntry]] = []
+        notes: list[bytes] = []
         for record, done, loop in group:
             try:
+                entry, note = None, None
+                if self.keys is not None:
+                    entry = (call_key(record.prompt_ids, record.generation_ids),
+                             KeyEntry(now_ns(), record.rollout_id, record.call_index, record.policy_version))
+                    note = encode([entry])  # checks the rollout id before anything is added
                 self._fresh_delta(record.rollout_id, record.call_index)
-                self.writer.add_call(record)
+                self.writer.add_call(record, log_note=note)
                 added.append((done, loop))
-                entries.append((call_key(record.prompt_ids, record.generation_ids),
-                                KeyEntry(now_ns(), record.rollout_id, record.call_index, record.policy_version)))
+                if entry is not None and note is not None:
+                    entries.append(entry)
+                    notes.append(note)
             except TapeValueError as e:  # this call's value cannot be stored: only it fails
                 self._note_failure(str(e))
-                _settle(loop, done, RecordingError(f"the call could not be recorded: {e}"))
+                _settle_all([(loop, done)], RecordingError(f"the call could not be recorded: {e}"))
         if not added:
             return
-        # The calls' index entries are written and fsynced while the log commits: one fsync's time.
-        indexed: Future[None] | None = self._keys_pool.submit(self.keys.append, entries) if self.keys else None
+        indexed: list[BaseException] = []
+
+        def index() -> None:  # the rows are durable; no segment of theirs is sealed before this returns
+            if self.keys is None:
+                return
+            try:
+                self.keys.append(b"".join(notes))
+            except OSError as e:
+                indexed.append(e)
+
         try:
-            self.writer.commit()
+            self.writer.commit(then=index, seal=False)
         except Exception as e:
-            if indexed is not None and indexed.exception() is None and self.keys is not None:
-                self.keys.retract(entries)  # not recorded: no replica may continue them
             self._note_failure(str(e), count=len(added))
-            for done, loop in added:
-                _settle(loop, done, RecordingError(f"the call could not be recorded: {e}"))
+            _settle_all([(loop, done) for done, loop in added], RecordingError(f"the call could not be recorded: {e}"))
             return
-        failed = indexed.exception() if indexed is not None else None
-        if failed is not None:
+        if indexed:
             # On the tape but not findable by other replicas or the recorder: not acknowledged.
-            message = f"the call could not be added to the tape's call-key index: {failed}"
+            message = f"the call could not be added to the tape's call-key index: {indexed[0]}"
             self._note_failure(message, count=len(added))
-            for done, loop in added:
-                _settle(loop, done, RecordingError(message))
+            _settle_all([(loop, done) for done, loop in added], RecordingError(message))
             return
         if self.index is not None:
             self.index.add_local(entries)
         self.recorded += len(added)
         self.ok = True
-        for done, loop in added:
-            _settle(loop, done, None)
+        _settle_all([(loop, done) for done, loop in added], None)
+        # answered: now what can wait
         if self.claims is not None:  # the continuations are in the index now: their claim files can go
             with self._lock:
                 settled = [c for c in (self._claimed.pop((e.rollout_id, e.call_index), None) for _, e in entries) if c]
             if settled:
                 self._settle_pool.submit(self.claims.settle, settled)
+        self.writer.seal_due()
 
     def _fresh_delta(self, rollout_id: str, call_index: int) -> None:
         """Store the call's full prompt unless this writer wrote the rollout's previous call:
@@ -281,21 +300,27 @@ class CallLog:
             self._queue.put(_STOP)
             self._thread.join()
         if self.keys is not None:
-            self._keys_pool.shutdown(wait=True)
             self._settle_pool.shutdown(wait=True)
-            self.keys.close()
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close()  # seals its segments: syncs the index file first (before_seal)
+        if self.keys is not None:
+            self.keys.close()
 
 
-def _settle(loop: asyncio.AbstractEventLoop, done: asyncio.Future, error: BaseException | None) -> None:
-    def settle() -> None:
-        if not done.done():
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
+def _settle_all(waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]], error: RecordingError | None) -> None:
+    """Answer every future of a group: one wake-up per event loop (nearly always one), not per call."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for loop, done in waiting:
+        by_loop.setdefault(loop, []).append(done)
+    for loop, futures in by_loop.items():
+        def settle(futures: list[asyncio.Future] = futures) -> None:
+            for done in futures:
+                if not done.done():
+                    if error is None:
+                        done.set_result(None)
+                    else:  # one exception object per waiting request (each gets its own traceback)
+                        done.set_exception(RecordingError(*error.args))
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass

@@ -42,6 +42,16 @@ class ServeConfig:
     upstream: str | None = None
     #: If set, every endpoint but /health requires ``Authorization: Bearer <api_key>``.
     api_key: str | None = None
+    #: Largest request body in bytes; a larger one is answered 413 before it is read (far above
+    #: any real context: a 128k-token conversation with its token IDs is a few MB).
+    max_request_bytes: int = 32 * 2**20
+    #: Requests handled at once (``/health`` not counted); more are answered 429 with Retry-After.
+    max_requests_in_flight: int = 512
+    #: Browser origins (``scheme://host[:port]``, or ``*`` for any) allowed to call the server;
+    #: a request whose ``Origin`` is another site is refused 403 (the server's own origin always passes).
+    allow_origin: tuple[str, ...] = field(default_factory=tuple)
+    #: Serve ``/docs``, ``/redoc`` and ``/openapi.json`` (behind the api_key when one is set).
+    openapi: bool = False
     #: Tokenizer directory (default: the model's).
     tokenizer: str | None = None
     #: Jinja chat template file overriding the tokenizer's.
@@ -77,6 +87,15 @@ class ServeConfig:
         # Live capture needs rename and fsync: a POSIX folder, never a URL (StorageError says so).
         if self.tape is not None:
             self.tape = require_posix(self.tape, "gymtape serve --tape")
+        for name in ("max_request_bytes", "max_requests_in_flight"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ServeConfigError(f"{name} must be a positive integer, got {value!r} "
+                                       f"(--{name.replace('_', '-')})")
+        for origin in self.allow_origin:
+            if origin != "*" and normalize_origin(origin) is None:
+                raise ServeConfigError(f"allow_origin {origin!r} is not an origin: give scheme://host[:port] "
+                                       "(e.g. http://localhost:3000), or '*' for any")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; a set api_key is masked (pass the key in ``GYMTAPE_API_KEY``)."""
@@ -139,3 +158,19 @@ def _fits(value: Any, t: Any) -> bool:
     if t is float:
         return isinstance(value, (int, float))
     return isinstance(t, type) and isinstance(value, t)
+
+
+def normalize_origin(origin: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an http(s) origin such as a browser's ``Origin`` header, the
+    default port filled in and the host lower-cased; None for anything else (``null`` included)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:  # a port that is not a number, or an unbalanced [ipv6
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)

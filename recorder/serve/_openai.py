@@ -139,6 +139,16 @@ def _flag(d: dict[str, Any], key: str) -> bool:
     raise APIError(f"{key} must be true or false, got {v!r}", param=key)
 
 
+def strict_bool(d: dict[str, Any], key: str, default: bool) -> bool:
+    """A field that must be a JSON boolean: ``"no"`` or ``0`` is a 400, never silently true or false."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if v is True or v is False:
+        return v
+    raise APIError(f"{key} must be true or false (a JSON boolean), got {v!r}", param=key)
+
+
 def _content_text(content: Any, where: str) -> str | None:
     if content is None or isinstance(content, str):
         return content
@@ -284,8 +294,108 @@ def parse_chat(data: dict[str, Any], *, vocab_size: int, for_tokenize: bool = Fa
         seed=_int(data, "seed", INT64_MIN, INT64_MAX),
         stop_token_ids=tuple(stop_ids),
         logprobs=_flag(data, "logprobs"),
-        return_tokens_as_token_ids=bool(data.get("return_tokens_as_token_ids")),
+        return_tokens_as_token_ids=strict_bool(data, "return_tokens_as_token_ids", False),
         chat_template_kwargs=kwargs,
-        add_generation_prompt=bool(data.get("add_generation_prompt", True)),
+        add_generation_prompt=strict_bool(data, "add_generation_prompt", True),
         stream=bool(stream),
     )
+
+
+def _token_ids(v: Any, where: str) -> list[int]:
+    """A list of token IDs as the tape stores them (int32, not negative); None is empty."""
+    if v is None:
+        return []
+    if not isinstance(v, list) or not set(map(type, v)) <= {int}:
+        raise APIError(f"{where} must be a list of integer token IDs, got {_brief(v)}", param=where)
+    if v and (min(v) < 0 or max(v) > INT32_MAX):
+        bad = next(t for t in v if not 0 <= t <= INT32_MAX)
+        raise APIError(f"{where} holds {bad}, not a token ID: token IDs are integers in [0, {INT32_MAX}]", param=where)
+    return v
+
+
+def _brief(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def parse_lookup(data: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """A ``/gymtape/lookup`` body: ``calls``, each ``{prompt_token_ids, generation_token_ids}``."""
+    calls = data.get("calls")
+    if not isinstance(calls, list):
+        raise APIError("calls must be a list of {prompt_token_ids, generation_token_ids}", param="calls")
+    out = []
+    for i, c in enumerate(calls):
+        if not isinstance(c, dict):
+            raise APIError(f"calls[{i}] must be an object {{prompt_token_ids, generation_token_ids}}, got "
+                           f"{_brief(c)}", param=f"calls[{i}]")
+        out.append((_token_ids(c.get("prompt_token_ids"), f"calls[{i}].prompt_token_ids"),
+                    _token_ids(c.get("generation_token_ids"), f"calls[{i}].generation_token_ids")))
+    return out
+
+
+# ---------------------------------------------------------------- OpenAPI (gymtape serve --openapi)
+# The routes read raw JSON (above), so FastAPI cannot infer their bodies: these schemas describe
+# them for /openapi.json (and for the schemathesis run over every route, tests/recorder/test_serve_fuzz.py).
+# They describe what a well-formed request looks like; the parsers above stay the authority.
+
+_TOKEN_LIST = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "enum": list(ROLES)},
+        "content": {"type": ["string", "null"]},
+        "tool_calls": {"type": "array", "items": {"type": "object"}},
+        "prompt_token_ids": _TOKEN_LIST,
+        "generation_token_ids": _TOKEN_LIST,
+        "generation_log_probs": {"type": "array", "items": {"type": "number", "maximum": 0}},
+    },
+}
+_TOOLS = {"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"}, "parameters": {"type": "object"}}}}}}
+_CHAT_FIELDS = {
+    "model": {"type": "string"},
+    "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+    "tools": _TOOLS,
+    "tool_choice": {"type": "string", "enum": ["auto", "none"]},
+    "chat_template_kwargs": {"type": "object"},
+}
+CHAT_BODY = {"type": "object", "required": ["messages"], "properties": {
+    **_CHAT_FIELDS,
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 100},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1},
+    "seed": {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
+    "n": {"type": "integer", "enum": [1]},
+    "stop_token_ids": _TOKEN_LIST,
+    "logprobs": {"type": "boolean"},
+    "top_logprobs": {"type": "integer", "enum": [0]},
+    "return_tokens_as_token_ids": {"type": "boolean"},
+    "stream": {"type": "boolean", "enum": [False]},
+}}
+TOKENIZE_BODY = {"oneOf": [
+    {"type": "object", "required": ["messages"], "properties": {
+        **_CHAT_FIELDS, "add_generation_prompt": {"type": "boolean"}}},
+    {"type": "object", "required": ["prompt"], "properties": {
+        "model": {"type": "string"}, "prompt": {"type": "string"}, "add_special_tokens": {"type": "boolean"}}},
+]}
+LOOKUP_BODY = {"type": "object", "required": ["calls"], "properties": {"calls": {"type": "array", "items": {
+    "type": "object", "properties": {"prompt_token_ids": _TOKEN_LIST, "generation_token_ids": _TOKEN_LIST}}}}}
+WEIGHTS_BODY = {"type": "object", "properties": {
+    "path": {"type": "string", "description": "a save_pretrained directory to load the weights of"},
+    "version": {"type": "integer", "minimum": 0, "maximum": INT64_MAX}}}
+ERROR_BODY = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def openapi_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """A route's ``openapi_extra``: its JSON request body and its OpenAI-style error answers."""
+    error = {"description": "an OpenAI-style error", "content": {"application/json": {"schema": ERROR_BODY}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {str(status): error for status in (400, 401, 403, 413, 415, 429)}}

@@ -44,6 +44,44 @@ class PromptBuilder:
             raise ServeConfigError(f"end-of-turn token {eos!r} is not in the vocabulary; pass --eos-token")
         self.vocab_size = len(tokenizer)
         self._developer_ok = "developer" in tokenizer.chat_template
+        #: The most characters one token stands for (its vocabulary string: one character per byte
+        #: for byte-level BPE, the longest added/special token included): a text of C characters
+        #: is at least C / max_token_chars tokens, however it is tokenized.
+        self.max_token_chars: int = max(map(len, tokenizer.get_vocab()), default=1) or 1
+
+    def min_prompt_tokens(self, messages: list[dict[str, Any]]) -> tuple[int, int, int]:
+        """A lower bound on the prompt's length, from lengths alone (no template, no tokenizer),
+        with what it is made of: ``(bound, characters of text counted, token IDs counted)``.
+
+        Counted: the spliced model prefix (the last assistant message's prompt + generation IDs,
+        which the prompt starts with) and the text of every non-assistant message after it (a
+        template renders those; assistant text is left out, as templates may drop earlier
+        reasoning). Each token stands for at most ``max_token_chars`` characters.
+        """
+        start, prefix = 0, 0
+        for i in range(len(messages) - 1, -1, -1):
+            m = messages[i]
+            if m["role"] == "assistant" and (m.get("generation_token_ids") or m.get("prompt_token_ids")):
+                start, prefix = i + 1, len(m.get("prompt_token_ids") or ()) + len(m.get("generation_token_ids") or ())
+                break
+        chars = sum(len(m.get("content") or "") for m in messages[start:] if m["role"] != "assistant")
+        return prefix + self.min_text_tokens(chars), chars, prefix
+
+    def min_text_tokens(self, chars: int) -> int:
+        """The fewest tokens a text of ``chars`` characters can be."""
+        return -(-chars // self.max_token_chars)
+
+    def check_fits(self, messages: list[dict[str, Any]], max_model_len: int, completion_tokens: int) -> None:
+        """Refuse, before templating and tokenizing (whose cost grows with the text), messages
+        that cannot fit ``max_model_len`` with ``completion_tokens`` more: a 400 naming the limit."""
+        bound, chars, prefix = self.min_prompt_tokens(messages)
+        if bound + completion_tokens > max_model_len:
+            ids = f"{prefix} token IDs of the last assistant message and " if prefix else ""
+            raise APIError(
+                f"This model's maximum context length is {max_model_len} tokens. These messages cannot fit it: "
+                f"they hold {ids}{chars} characters of text (one token stands for at most {self.max_token_chars}), "
+                f"at least {bound} prompt tokens, plus {completion_tokens} for the completion. Shorten the messages.",
+                param="messages", code="context_length_exceeded")
 
     def _template_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -64,6 +102,9 @@ class PromptBuilder:
             )
         except Exception as e:  # jinja errors: the template rejected these messages
             raise APIError(f"the chat template could not render these messages: {e}", param="messages") from e
+        if not isinstance(text, str):  # e.g. chat_template_kwargs {"return_dict": true}
+            raise APIError(f"the chat template rendered {type(text).__name__}, not text: check chat_template_kwargs",
+                           param="chat_template_kwargs")
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def build(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,

@@ -1,17 +1,31 @@
 """`gymtape serve`: an OpenAI-compatible, on-policy generation server that records every call.
 
-Request path: validate (recorder._openai) → template + splice (recorder._prompting) →
-engine.generate(prompt IDs) → parse reasoning / tool calls from the text → answer with the
-token fields NeMo Gym reads → queue the call for the tape (recorder._call_log). The engine
-only ever sees token IDs, so no engine re-tokenizes what the model produced.
+Request path: the front door (recorder._guard: origin, in-flight bound, body size) → validate
+(recorder._openai) → template + splice (recorder._prompting) → engine.generate(prompt IDs) →
+parse reasoning / tool calls from the text → answer with the token fields NeMo Gym reads →
+queue the call for the tape (recorder._call_log). The engine only ever sees token IDs, so no
+engine re-tokenizes what the model produced.
+
+Parsing, templating and tokenizing cost time that grows with the request, so they run in a
+small thread pool, never on the event loop: `/health` and every other request keep answering
+while a large one is prepared. A prompt that cannot fit the context is refused from its length
+alone before any of that work (PromptBuilder.check_fits).
+
+Every answer that is not a 200 is an OpenAI-style error, `{"error": {"message", "type",
+"param", "code"}}`: the routes' own, the framework's (404, 405), the front door's (403, 413,
+429) and, as a last resort, a bug's (500, logged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import logging
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +33,10 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ._call_log import CallLog, RecordingError
 from ._config import ServeConfig, ServeConfigError
@@ -27,24 +44,58 @@ from .engines._protocol import Engine, EngineError
 from ..tape._storage import write_bytes_atomic
 from ..tape._layout import RUNS_DIR
 from ..tape._meta import tokenizer_identity
-from ._openai import INT64_MAX, APIError, ChatRequest, parse_chat, parse_json
+from ._guard import InFlight, RequestGuard
+from ._openai import (CHAT_BODY, INT64_MAX, LOOKUP_BODY, TOKENIZE_BODY, WEIGHTS_BODY, APIError, ChatRequest,
+                      openapi_body, parse_chat, parse_json, parse_lookup, strict_bool)
 from ._parsers import TOOL_PARSERS, split_reasoning
-from ._prompting import PromptBuilder
+from ._prompting import Prompt, PromptBuilder
 from ..tape._records import CallRecord
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(content=orjson.dumps(body), status_code=status, media_type="application/json")
+log = logging.getLogger(__name__)
+
+#: Threads that parse, template and tokenize requests (off the event loop). Templating is
+#: Python (it holds the GIL), so more threads would not go faster; two keep one large request
+#: from delaying every other one.
+PROMPT_THREADS = 2
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """``application/json``, with at most a UTF-8 charset (JSON is UTF-8: RFC 8259)."""
+    if not content_type:
+        return False
+    media, *params = (part.strip().lower() for part in content_type.split(";"))
+    if media != "application/json":
+        return False
+    return all(p.replace(" ", "") in ("charset=utf-8", 'charset="utf-8"') for p in params if p.startswith("charset"))
+
+
+def check_key(config: ServeConfig, request: Request) -> None:
+    """401 unless the request carries the api_key (when one is set)."""
+    key = config.api_key
+    if not key:
+        return
+    got = request.headers.get("authorization", "")
+    if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
+        raise APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
+                       type="authentication_error", code="invalid_api_key")
 
 
 class GymtapeServer:
     """State shared by the endpoints: engine, prompt builder, call log, policy version."""
 
-    def __init__(self, config: ServeConfig, engine: Engine, builder: PromptBuilder, log: CallLog) -> None:
+    def __init__(self, config: ServeConfig, engine: Engine, builder: PromptBuilder, log: CallLog,
+                 pool: ThreadPoolExecutor, load: InFlight | None = None) -> None:
         self.config = config
         self.engine = engine
         self.builder = builder
         self.log = log
+        self.pool = pool
+        self.load = load
         self.tokenizer = builder.tokenizer
         self.policy_version = config.policy_version
         self.tool_parser = TOOL_PARSERS[config.tool_parser]()
@@ -54,13 +105,23 @@ class GymtapeServer:
         ))
 
     def check_auth(self, request: Request) -> None:
-        key = self.config.api_key
-        if not key:
-            return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
-            raise APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
-                           type="authentication_error", code="invalid_api_key")
+        check_key(self.config, request)
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU work that grows with the request (parse, template, tokenize) in the prompt pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def json_body(self, request: Request) -> bytes:
+        """The raw body of a JSON request: auth first, then its Content-Type (415), then the bytes.
+
+        Only ``application/json`` is read: a browser can send ``text/plain`` cross-site without a
+        CORS preflight, so a body of any other type is refused unread."""
+        self.check_auth(request)
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type):
+            raise APIError(f"Content-Type must be application/json, got {content_type!r}", status=415,
+                           code="unsupported_media_type")
+        return await request.body()
 
     def max_tokens_for(self, req: ChatRequest, prompt_len: int) -> int:
         limit = self.engine.max_model_len
@@ -73,13 +134,17 @@ class GymtapeServer:
                 param="messages", code="context_length_exceeded")
         return wanted
 
+    def prepare_chat(self, body: bytes) -> tuple[ChatRequest, Prompt, int]:
+        """Parse, check the length, template and splice (in the prompt pool)."""
+        req = parse_chat(parse_json(body), vocab_size=self.builder.vocab_size)
+        self.builder.check_fits(req.messages, self.engine.max_model_len, req.max_tokens or 1)
+        prompt = self.builder.build(req.messages, req.tools, req.chat_template_kwargs)
+        return req, prompt, self.max_tokens_for(req, len(prompt.ids))
+
     async def chat(self, request: Request) -> Response:
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
-        self.check_auth(request)
-        req = parse_chat(parse_json(await request.body()), vocab_size=self.builder.vocab_size)
-        prompt = self.builder.build(req.messages, req.tools, req.chat_template_kwargs)
-        max_tokens = self.max_tokens_for(req, len(prompt.ids))
+        req, prompt, max_tokens = await self.off_loop(self.prepare_chat, await self.json_body(request))
         if prompt.anchor is None:  # a new rollout: nothing to look up or claim
             gen = await self.engine.generate(prompt.ids, req.sampling(max_tokens, self.stop_ids))
             rollout_id, call_index = self.log.assign(None)
@@ -157,17 +222,29 @@ class GymtapeServer:
                 finish = "tool_calls"
         return message, finish
 
-    async def tokenize(self, request: Request) -> Response:
-        self.check_auth(request)
-        data = parse_json(await request.body())
+    def tokenize_body(self, body: bytes) -> list[int]:
+        """The token IDs of a /tokenize body (in the prompt pool). A text that cannot fit the
+        context is refused from its length, before tokenizing (whose cost grows with it)."""
+        data = parse_json(body)
+        limit = self.engine.max_model_len
         if "messages" in data:
             req = parse_chat(data, vocab_size=self.builder.vocab_size, for_tokenize=True)
-            ids = self.builder.build(req.messages, req.tools, req.chat_template_kwargs,
-                                     add_generation_prompt=req.add_generation_prompt).ids
-        elif isinstance(data.get("prompt"), str):
-            ids = self.tokenizer.encode(data["prompt"], add_special_tokens=bool(data.get("add_special_tokens", True)))
-        else:
+            self.builder.check_fits(req.messages, limit, 0)
+            return self.builder.build(req.messages, req.tools, req.chat_template_kwargs,
+                                      add_generation_prompt=req.add_generation_prompt).ids
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str):
             raise APIError("send either messages (chat) or prompt (a string)", param="messages")
+        special = strict_bool(data, "add_special_tokens", True)
+        if self.builder.min_text_tokens(len(prompt)) > limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. This prompt cannot fit it: "
+                           f"{len(prompt)} characters are at least {self.builder.min_text_tokens(len(prompt))} tokens "
+                           f"(one token stands for at most {self.builder.max_token_chars}).", param="prompt",
+                           code="context_length_exceeded")
+        return self.tokenizer.encode(prompt, add_special_tokens=special)
+
+    async def tokenize(self, request: Request) -> Response:
+        ids = await self.off_loop(self.tokenize_body, await self.json_body(request))
         return _json({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len})
 
     async def models(self, request: Request) -> Response:
@@ -180,7 +257,10 @@ class GymtapeServer:
         log = self.log
         w = log.writer
         return _json({"status": "ok" if log.ok else "degraded", "engine": self.engine.name, "model": self.model_name,
-                      "policy_version": self.policy_version, "recording": {
+                      "policy_version": self.policy_version,
+                      # requests being handled now (/health not counted), and the most allowed at once
+                      "in_flight": self.load.count if self.load is not None else None,
+                      "max_requests_in_flight": self.config.max_requests_in_flight, "recording": {
                           "tape": str(Path(self.config.tape).resolve()) if self.config.tape else None,
                           # ok: the last write succeeded (false: calls are answered 503 until one does)
                           "ok": log.ok, "recorded": log.recorded, "pending": log.pending, "errors": log.errors,
@@ -194,27 +274,17 @@ class GymtapeServer:
         """Which rollout recorded calls belong to, by their token IDs. With a tape the answer
         comes from the tape's call-key index (any replica's calls; one recorded rollout in order
         when there is one); it claims nothing: `gymtape record` joins on the tape itself."""
-        self.check_auth(request)
-        data = parse_json(await request.body())
-        calls = data.get("calls")
-        if not isinstance(calls, list):
-            raise APIError("calls must be a list of {prompt_token_ids, generation_token_ids}", param="calls")
-        pairs = [(c.get("prompt_token_ids") or [], c.get("generation_token_ids") or []) if isinstance(c, dict)
-                 else ([], []) for c in calls]
-        try:
-            hits = self.log.lookup_calls(pairs)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise APIError(f"calls: token IDs must be lists of integers ({e})", param="calls") from None
+        pairs = await self.off_loop(lambda body: parse_lookup(parse_json(body)), await self.json_body(request))
+        hits = await self.off_loop(self.log.lookup_calls, pairs)  # reads the tape's key index
         out = [None if hit is None else {"rollout_id": hit[0], "call_index": hit[1], "policy_version": hit[2]}
                for hit in hits]
         return _json({"calls": out, "recording": self.config.tape is not None})
 
     async def admin_weights(self, request: Request) -> Response:
-        self.check_auth(request)
-        data = parse_json(await request.body())
+        data = await self.off_loop(parse_json, await self.json_body(request))
         path, version = data.get("path"), data.get("version")
-        if path is not None and not isinstance(path, str):
-            raise APIError("path must be a string (a save_pretrained directory)", param="path")
+        if path is not None and (not isinstance(path, str) or not path):
+            raise APIError("path must be a non-empty string (a save_pretrained directory)", param="path")
         # policy_version is int64 on the tape: a version that does not fit is refused here, not at the write
         if version is not None and (type(version) is not int or not 0 <= version <= INT64_MAX):
             raise APIError(f"version must be an integer in [0, {INT64_MAX}], got {version!r}", param="version")
@@ -224,8 +294,12 @@ class GymtapeServer:
             raise APIError(f"policy version {self.policy_version} cannot be bumped past {INT64_MAX}; send an explicit "
                            "version", param="version")
         if path is not None:
-            if not Path(path).is_dir():
-                raise APIError(f"path {path} is not a directory", param="path")
+            try:
+                is_dir = await asyncio.to_thread(Path(path).is_dir)
+            except (OSError, ValueError) as e:  # a name too long, a NUL byte
+                raise APIError(f"path {path!r} cannot be used: {e}", param="path") from None
+            if not is_dir:
+                raise APIError(f"path {path!r} is not a directory", param="path")
             await self.engine.load_weights(path)
         self.policy_version = version if version is not None else self.policy_version + 1
         return _json({"policy_version": self.policy_version, "loaded": path})
@@ -277,6 +351,7 @@ def _free_port() -> int:
 def create_app(config: ServeConfig) -> FastAPI:
     """The FastAPI app; engine, tokenizer and tape writer start in its lifespan."""
     state: dict[str, GymtapeServer] = {}
+    load = InFlight()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -284,6 +359,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         engine, tok_dir, proc = build_engine(config)
         log = None
+        pool = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="gymtape-prompt")
         try:
             if proc is not None:
                 proc.start()
@@ -299,16 +375,27 @@ def create_app(config: ServeConfig) -> FastAPI:
                 write_bytes_atomic(runs / f"{log.writer.writer_id}.json", orjson.dumps(
                     {"command": "gymtape serve", "config": config.to_dict(), "engine": engine.name,
                      "model": engine.model_name, "max_model_len": engine.max_model_len}, option=orjson.OPT_INDENT_2))
-            state["s"] = GymtapeServer(config, engine, builder, log)
+            state["s"] = GymtapeServer(config, engine, builder, log, pool, load)
             yield
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             if log is not None:
                 log.close()
             await engine.aclose()
             if proc is not None:
                 proc.stop()
 
-    app = FastAPI(title="gymtape serve", lifespan=lifespan)
+    # The framework's own /docs, /redoc and /openapi.json answer without the key: off, and
+    # served below (behind the key) only with --openapi.
+    app = FastAPI(title="gymtape serve", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    if config.allow_origin:  # answer allowed browser origins' preflights, let them read the answers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origin), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+    app.add_middleware(RequestGuard, max_request_bytes=config.max_request_bytes,  # outermost: runs first
+                       max_requests_in_flight=config.max_requests_in_flight, allow_origin=config.allow_origin,
+                       bound_host=config.host, load=load)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -318,12 +405,41 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def _engine_error(request: Request, exc: EngineError) -> Response:
         return _json(APIError(str(exc), status=exc.status, type=exc.type).body(), exc.status)
 
-    @app.post("/v1/chat/completions")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
+        type_, code = kind.get(exc.status_code, ("invalid_request_error", None))
+        if exc.status_code == 404:
+            message = f"{request.url.path} is not an endpoint of gymtape serve"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {(exc.headers or {}).get('Allow')})"
+        else:
+            message = str(exc.detail)
+        return _json(APIError(message, status=exc.status_code, type=type_, code=code).body(), exc.status_code,
+                     headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _json(APIError(f"invalid request: {exc.errors()}", status=422).body(), 422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:  # nobody reads this answer
+        return _json(APIError("the client disconnected before the request body was complete").body(), 400)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        """Last resort: a bug. Logged with its traceback; the client still gets JSON."""
+        # one line here; the HTTP server logs the traceback (Starlette re-raises after this answer)
+        log.error("gymtape serve: unexpected %s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+        return _json(APIError(f"internal error ({type(exc).__name__}); this is a gymtape bug: the server log has "
+                              "the traceback", status=500, type="server_error", code="internal_error").body(), 500)
+
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(CHAT_BODY))
     async def chat(request: Request) -> Response:
         return await state["s"].chat(request)
 
-    @app.post("/tokenize")
-    @app.post("/v1/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi_body(TOKENIZE_BODY))
+    @app.post("/v1/tokenize", openapi_extra=openapi_body(TOKENIZE_BODY))
     async def tokenize(request: Request) -> Response:
         return await state["s"].tokenize(request)
 
@@ -335,12 +451,30 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def health() -> Response:
         return await state["s"].health()
 
-    @app.post("/gymtape/lookup")
+    @app.post("/gymtape/lookup", openapi_extra=openapi_body(LOOKUP_BODY))
     async def lookup(request: Request) -> Response:
         return await state["s"].lookup(request)
 
-    @app.post("/admin/weights")
+    @app.post("/admin/weights", openapi_extra=openapi_body(WEIGHTS_BODY))
     async def admin_weights(request: Request) -> Response:
         return await state["s"].admin_weights(request)
+
+    if config.openapi:
+        from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request) -> Response:
+            check_key(config, request)
+            return _json(app.openapi())
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs(request: Request) -> HTMLResponse:
+            check_key(config, request)
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="gymtape serve")
+
+        @app.get("/redoc", include_in_schema=False)
+        async def redoc(request: Request) -> HTMLResponse:
+            check_key(config, request)
+            return get_redoc_html(openapi_url="/openapi.json", title="gymtape serve")
 
     return app

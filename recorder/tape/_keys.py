@@ -12,8 +12,21 @@ small fixed-size entry per call to its own file:
 a 16-byte header, then 80-byte entries: call key (16 bytes), rollout id (32 bytes, ASCII,
 NUL-padded), call index (int32), kind (0: a call, 1: a retraction of an entry whose call was
 not recorded after all), policy version (int64), time (ns since the epoch: "oldest first"
-across writers), and a 64-bit check word over the rest. Appends are ``fdatasync``ed before the
-calls are acknowledged, so once a call is answered every process that reads the index sees it.
+across writers), and a 64-bit check word over the rest.
+
+When an entry is visible and durable. A call is acknowledged only after its entry is written,
+and only after its row is durable in the write-ahead log (``recorder.tape._wal``), whose batch
+carries the same entries (Arrow IPC custom metadata, ``gymtape:keys``). So one fsync per group
+commit covers both:
+
+* On a local filesystem every process of the host shares one page cache, so a written entry is
+  visible to every reader at once; the index file is ``fdatasync``ed before a log segment is
+  sealed into its shard (and on close). If the machine loses power, entries of rows still in
+  the log may be lost from the index file, never from the log: the writer that recovers the
+  dead segment writes them again (``keys/<segment>.recovered.keys``, :func:`restore_from_log`)
+  before it seals it.
+* On any other filesystem (NFS, Lustre, CIFS, FUSE, ...), where another host sees only what
+  was flushed, every append is also ``fdatasync``ed before the call is acknowledged.
 
 Why not Arrow IPC like the write-ahead log: an entry is tiny and read by every replica on a
 lookup miss, so readers tail each file from the byte offset where they stopped and decode new
@@ -38,10 +51,16 @@ from typing import NamedTuple
 import numpy as np
 
 from .._errors import TapeValueError, WriterIdConflictError
+from ._layout import temp_name
+from ._storage import fsync_dir, publish
 
 #: Folder of the call-key index: ``keys/<writer>.keys``.
 KEYS_DIR = "keys"
 KEYS_SUFFIX = ".keys"
+#: Custom-metadata key of a write-ahead-log batch holding its calls' index entries (encoded).
+LOG_METADATA_KEY = b"gymtape:keys"
+#: Name part of an index file that recovery wrote from a dead writer's log segment.
+RECOVERED = ".recovered"
 HEADER = b"gymtape-keys v1\n"
 ENTRY = np.dtype([
     ("key", "V16"), ("rollout", "S32"), ("call_index", "<i4"), ("kind", "u1"), ("pad", "V3"),
@@ -119,17 +138,25 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
 
 
 class KeyLog:
-    """One writer's append-only index file; :meth:`append` returns once the entries are durable.
+    """One writer's append-only index file.
+
+    :meth:`append` returns once the entries are visible to every reader of the tape: written,
+    and on a filesystem other hosts share (no common page cache) also ``fdatasync``ed. Where
+    the write alone suffices, :meth:`sync` makes them durable; the capturing writer calls it
+    before a log segment (which holds the same entries) is sealed, and :meth:`close` does.
+    ``sync_each`` forces either behaviour (default: by the filesystem, :func:`shares_page_cache`).
 
     Holds an exclusive ``flock`` while open (two live writers with one id are refused, as for
     the write-ahead log). Reopening an id whose file ends in a torn entry pads it to a whole
     entry first, which readers then skip.
     """
 
-    def __init__(self, tape: Path, writer_id: str) -> None:
+    def __init__(self, tape: Path, writer_id: str, *, sync_each: bool | None = None) -> None:
         folder = Path(tape) / KEYS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{writer_id}{KEYS_SUFFIX}"
+        #: Whether every append is fdatasynced (else: :meth:`sync`, before sealing and on close).
+        self.sync_each = (not shares_page_cache(folder)) if sync_each is None else sync_each
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -152,16 +179,27 @@ class KeyLog:
             raise
         self.fd = fd
         self.size = size
+        self._dirty = False
         self._lock = threading.Lock()
         #: Retractions that could not be written yet: written first by the next append.
         self._retract: list[tuple[bytes, KeyEntry]] = []
 
-    def append(self, entries: Sequence[tuple[bytes, KeyEntry]]) -> None:
-        """Write and fdatasync; on failure the file is cut back to its last whole entry."""
+    def append(self, entries: Sequence[tuple[bytes, KeyEntry]] | bytes) -> None:
+        """Write the entries (or :func:`encode`'s bytes of them): visible to every reader when
+        this returns. On failure the file is cut back to its last whole entry."""
+        data = entries if isinstance(entries, bytes) else encode(entries)
         with self._lock:
-            data = encode(self._retract, RETRACT) + encode(entries) if self._retract else encode(entries)
-            self._write(data)
+            if self._retract:
+                data = encode(self._retract, RETRACT) + data
+            self._write(data, sync=self.sync_each)
             self._retract = []
+
+    def sync(self) -> None:
+        """Make every entry written so far durable (``fdatasync``; nothing to do when none is new)."""
+        with self._lock:
+            if self._dirty and self.fd >= 0:
+                os.fdatasync(self.fd)
+                self._dirty = False
 
     def retract(self, entries: Sequence[tuple[bytes, KeyEntry]]) -> None:
         """Mark entries whose calls were not recorded after all (their commit failed), so no
@@ -169,17 +207,18 @@ class KeyLog:
         with self._lock:
             pending = self._retract + list(entries)
             try:
-                self._write(encode(pending, RETRACT))
+                self._write(encode(pending, RETRACT), sync=True)
                 self._retract = []
             except OSError:
                 self._retract = pending
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, *, sync: bool) -> None:
         if self.fd < 0:
             raise OSError(f"{self.path} is closed")
         try:
             _write_all(self.fd, data, self.size)
-            os.fdatasync(self.fd)
+            if sync:
+                os.fdatasync(self.fd)
         except OSError:
             try:
                 os.ftruncate(self.fd, self.size)
@@ -187,17 +226,85 @@ class KeyLog:
                 pass
             raise
         self.size += len(data)
+        self._dirty = self._dirty or not sync
 
     def close(self) -> None:
+        """Write what is pending, make it durable, release the file (and its lock)."""
         with self._lock:
-            if self._retract:
-                try:
-                    self._write(encode(self._retract, RETRACT))
-                except OSError:
-                    pass
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            if self.fd < 0:
+                return
+            try:
+                if self._retract:
+                    self._write(encode(self._retract, RETRACT), sync=True)
+                if self._dirty:
+                    os.fdatasync(self.fd)
+            except OSError:
+                pass  # entries of rows in the log are written again from the log if they are lost
+            os.close(self.fd)
+            self.fd = -1
+
+
+#: Filesystems whose files every process of a host reads through one page cache (and that no
+#: other host reads except through this host): a write is visible to every reader at once.
+LOCAL_FILESYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "zfs", "bcachefs", "jfs", "reiserfs",
+    "overlay", "nilfs2", "hfsplus", "vfat", "exfat",
+})
+
+
+def shares_page_cache(path: Path) -> bool:
+    """Whether ``path`` is on a local filesystem (:data:`LOCAL_FILESYSTEMS`), per the
+    mount table; False where that cannot be told (no ``/proc``): then every append is synced."""
+    try:
+        target = os.path.realpath(path)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    best, fstype = -1, None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        mount = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= best:  # the last of equal mount points is the one on top
+            best, fstype = len(mount), right.split()[0]
+    return fstype in LOCAL_FILESYSTEMS
+
+
+def restore_from_log(tape: Path, segment_stem: str, data: bytes) -> int:
+    """Entries a dead writer's log segment holds (``data``: its batches' ``gymtape:keys``)
+    that its index file lacks (the machine lost power before they were synced) are written,
+    durably, to ``keys/<segment_stem>.recovered.keys``; returns how many. Called before the
+    segment is sealed, so every sealed call's entry is in a durable index file. Idempotent."""
+    wanted, _ = decode(data)
+    if not len(wanted):
+        return 0
+    folder = Path(tape) / KEYS_DIR
+    final = folder / f"{segment_stem}{RECOVERED}{KEYS_SUFFIX}"
+    if final.exists():
+        return 0
+    writer = segment_stem.rsplit("-", 1)[0]
+    have = _read_from(folder / f"{writer}{KEYS_SUFFIX}", 0) or b""
+    known = set()
+    if have[: len(HEADER)] == HEADER:
+        arr, _ = decode(have[len(HEADER):])
+        known = {bytes(r) for r in arr.view(f"V{ENTRY.itemsize}")}
+    missing = [bytes(r) for r in wanted.view(f"V{ENTRY.itemsize}") if bytes(r) not in known]
+    if not missing:
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / temp_name(final.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, HEADER + b"".join(missing), 0)
+    finally:
+        os.close(fd)
+    if publish(tmp, final, overwrite=False):
+        fsync_dir(folder)
+    return len(missing)
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -296,7 +403,8 @@ class KeyIndex:
                 else:
                     out.setdefault(key, []).append(e)
         for key, es in out.items():
-            out[key] = sorted(e for e in es if (key, e.rollout_id, e.call_index) not in retracted)
+            # a set: an entry recovery wrote again from the log may also be in its writer's file
+            out[key] = sorted({e for e in es if (key, e.rollout_id, e.call_index) not in retracted})
         return out
 
     def candidates(self, key: bytes) -> list[KeyEntry]:

@@ -104,17 +104,20 @@ class TapeMeta:
         if not isinstance(d, dict) or "format_version" not in d:
             raise NotATapeError(f"{source} is not a gymtape metadata file (no format_version)")
         version = d["format_version"]
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise NotATapeError(f"{source}: format_version is {version!r}, expected an integer")
         check_version(version, source)
         tok = d.get("tokenizer")
+        layout = d.get("layout") or layout_dict()
+        if not isinstance(layout, dict) or not all(isinstance(v, str) for v in layout.values()):
+            raise NotATapeError(f"{source}: layout is {layout!r}, expected an object of path templates")
         meta = cls(
             format=d.get("format", ""),
             format_version=version,
-            created_at=d.get("created_at", ""),
-            created_by=d.get("created_by", ""),
+            created_at=str(d.get("created_at", "")),
+            created_by=str(d.get("created_by", "")),
             tokenizer=TokenizerIdentity.from_dict(tok, source) if tok else None,
-            layout=d.get("layout") or layout_dict(),
+            layout={str(k): v for k, v in layout.items()},
         )
         meta.validate(source)
         return meta
@@ -164,6 +167,13 @@ def read_meta(storage: TapeStorage) -> TapeMeta:
             f"{storage.location} is not a tape: it has no {META_FILE}. Create one with `gymtape ingest` "
             "or a TapeWriter."
         ) from None
+    except IsADirectoryError:
+        raise NotATapeError(f"{where} is a directory, not the tape's metadata file; move it away, or give the "
+                            "folder of a tape") from None
+    except NotADirectoryError:
+        raise NotATapeError(f"{storage.location} is not a tape: it is a file, not a folder") from None
+    except OSError as e:
+        raise TapeError(f"{where} cannot be read: {e.strerror or e}; check the path and its permissions") from e
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:

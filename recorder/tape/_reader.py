@@ -2,8 +2,11 @@
 
 Only published shards are read; hidden temporary files of crashed or running writers are
 never touched. Every shard's footer, format version and schema are checked before its rows are
-used (``recorder.tape._shards``, the one place), and any failure names the shard. Shards that a
-compacted shard replaces are skipped, so a reader sees every row once while a compactor works.
+used, and its pages' checksums as they are read (``recorder.tape._shards``, the one place): any
+failure is a :class:`~recorder.CorruptShardError` naming the shard, never a foreign exception
+or silently different rows. The lazy frames (:meth:`Tape.calls`, :meth:`Tape.rollouts`) read
+through the same path, a polars IO source with projection pushdown. Shards that a compacted
+shard replaces are skipped, so a reader sees every row once while a compactor works.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from .._errors import TapeError
+from .._errors import CorruptShardError, TapeError
 from ._layout import CALLS_DIR, ROLLOUTS_DIR, TABLES, WAL_DIR, WRITERS_DIR, is_temp_file
 from ._meta import TapeMeta, read_meta
 from ._prompts import rebuild_prompts
 from ._schema import SCHEMAS
-from ._shards import ShardCatalog, ShardInfo, ShardListing
+from ._shards import READ_OPTIONS, ShardCatalog, ShardInfo, ShardListing, ShardVanished
 from ._storage import TapeStorage
 
 
@@ -64,6 +67,7 @@ class Tape:
     compactor replaces shards. :meth:`calls`, :meth:`rollouts` and :meth:`dataset` are lazy:
     they read the shards of one listing when collected, so collect them promptly on a tape
     that is being compacted (a shard deleted in between raises ``FileNotFoundError``).
+    A damaged shard raises :class:`~recorder.CorruptShardError` naming it, from every one.
     """
 
     def __init__(self, location: str | os.PathLike[str] | TapeStorage, filesystem: Any = None) -> None:
@@ -118,30 +122,65 @@ class Tape:
         :meth:`read` or :meth:`calls` for every committed row)."""
         return self._dataset(table, self.shards(table))
 
-    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
+    def read(self, table: str, columns: list[str] | None = None, *,
+             unreadable: list[CorruptShardError] | None = None) -> pa.Table:
         """Read a whole table eagerly, every row exactly once (see the class doc); a shard that
-        fails to decode is named in the error."""
-        return self.catalog.read(table, columns)
+        fails to decode is named in the error.
+
+        ``unreadable``: a list that collects the shards that cannot be read (their rows are
+        left out) instead of raising for the first; ``gymtape check`` reports them all."""
+        return self.catalog.read(table, columns, unreadable=unreadable)
 
     def _scan(self, table: str) -> pl.LazyFrame:
+        """A LazyFrame over one settled listing and the log rows it does not cover, read shard by
+        shard through the catalog (checked, checksums verified) when collected: only the columns
+        the query uses, its filter applied per shard."""
+        from polars.io.plugins import register_io_source
+
         listing, log = self.catalog.snapshot(table)
         shards = list(listing.live)
-        frames = []
-        if shards:
-            if self.storage.local is not None:
-                frames.append(pl.scan_parquet([s.path for s in shards]))
-            else:
-                frames.append(pl.scan_pyarrow_dataset(self._dataset(table, shards)))
-        if log.num_rows or not frames:
-            frames.append(pl.from_arrow(log).lazy())  # type: ignore[union-attr]
-        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
+        catalog = self.catalog
+        schema = pl.from_arrow(SCHEMAS[table].empty_table()).schema  # type: ignore[union-attr]
+        key = SCHEMAS[table].names[0]
+
+        def batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                    _batch_size: int | None) -> Iterator[pl.DataFrame]:
+            names = list(schema) if with_columns is None else list(with_columns)
+            wanted = [*names, *(predicate.meta.root_names() if predicate is not None else ())]
+            need = list(dict.fromkeys(wanted)) or [key]  # at least one column: a row count needs one
+            left = n_rows
+            for part in [*shards, None]:
+                if left is not None and left <= 0:
+                    return
+                if part is None:
+                    rows = log.select(need)
+                else:
+                    try:
+                        rows = catalog.read_shard(part, need)
+                    except ShardVanished as e:  # a compactor deleted it since the listing (see the class doc)
+                        raise FileNotFoundError(f"{self.storage.url(e.path)} was deleted while the lazy frame was "
+                                                "collected (a compaction); collect again") from None
+                df = pl.from_arrow(rows.replace_schema_metadata(None))
+                assert isinstance(df, pl.DataFrame)
+                if predicate is not None:
+                    df = df.filter(predicate)
+                df = df.select(names or need)
+                if left is not None:
+                    df = df.head(left)
+                    left -= df.height
+                yield df
+
+        return register_io_source(batches, schema=schema, explain_name="gymtape",
+                                  explain_detail=f"{self.location} {table}: {len(shards)} shard(s)")
 
     def log_rows(self, table: str) -> int:
         """Rows committed to the write-ahead log and not yet sealed into a shard."""
         return self.catalog.snapshot(table, ["rollout_id"])[1].num_rows
 
     def _dataset(self, table: str, shards: list[ShardInfo]) -> pads.Dataset:
-        return pads.dataset([s.path for s in shards], schema=SCHEMAS[table], format="parquet",
+        verified = pads.ParquetFileFormat(
+            default_fragment_scan_options=pads.ParquetFragmentScanOptions(**READ_OPTIONS))  # type: ignore[arg-type]
+        return pads.dataset([s.path for s in shards], schema=SCHEMAS[table], format=verified,
                             filesystem=self.storage.fs)
 
     # -- prompts -------------------------------------------------------------------------

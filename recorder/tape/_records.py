@@ -31,7 +31,8 @@ class CallRecord:
     generation_logprobs: Logprobs
     #: None: generated from ``rollout_id`` and ``call_index``.
     call_id: str | None = None
-    #: ``ok`` or ``empty`` (the source had the token fields, but empty). None: inferred.
+    #: ``ok``, ``empty`` (the source had the token fields, but empty) or ``invalid_logprobs``
+    #: (a logprob is NaN, infinite or positive; kept as given). None: inferred.
     token_status: str | None = None
     finish_reason: str | None = None
     policy_version: int = 0
@@ -71,8 +72,9 @@ class RolloutRecord:
     #: ``ok``, ``truncated`` or ``failed``.
     status: str = "ok"
     status_reason: str | None = None
-    #: ``ok``, ``empty``, ``partial``, ``missing`` or ``incomplete`` (a call failed to be
-    #: captured: Gym's ``mark_incomplete``; never trained on); None: inferred from the calls.
+    #: ``ok``, ``empty``, ``partial``, ``missing``, ``incomplete`` (a call failed to be
+    #: captured: Gym's ``mark_incomplete``; never trained on) or ``invalid_logprobs`` (a call's
+    #: logprobs are NaN, infinite or positive; never trained on); None: inferred from the calls.
     token_status: str | None = None
     num_calls: int | None = None
     prompt_tokens: int | None = None
@@ -92,7 +94,7 @@ class RolloutRecord:
     created_at: datetime | None = None
 
 
-CALL_STATUSES = ("ok", "empty")
+CALL_STATUSES = ("ok", "empty", "invalid_logprobs")
 ROLLOUT_STATUSES = ("ok", "truncated", "failed")
-ROLLOUT_TOKEN_STATUSES = ("ok", "empty", "partial", "missing", "incomplete")
+ROLLOUT_TOKEN_STATUSES = ("ok", "empty", "partial", "missing", "incomplete", "invalid_logprobs")
 LOGPROBS_KINDS = ("raw", "processed")

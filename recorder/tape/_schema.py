@@ -46,7 +46,8 @@ CALL_COLUMNS: tuple[Column, ...] = (
     Column("generation_logprobs", LOGPROBS, False,
            "Sampling logprob of each generated token; same length as `generation_ids`."),
     Column("token_status", pa.string(), False,
-           "`ok`: token IDs present; `empty`: the source carried the token fields as empty lists."),
+           "`ok`: token IDs present; `empty`: the source carried the token fields as empty lists; "
+           "`invalid_logprobs`: a logprob is NaN, infinite or positive (kept as given, flagged by `gymtape check`)."),
     Column("finish_reason", pa.string(), True, "`stop`, `length`, `tool_calls`, ... as the engine reported it."),
     Column("policy_version", pa.int64(), False, "Policy (weights) version that generated the call."),
     Column("temperature", pa.float32(), True, "Sampling temperature (null: engine default)."),
@@ -85,7 +86,8 @@ ROLLOUT_COLUMNS: tuple[Column, ...] = (
            "`ok`: every model call has token IDs; `empty`: the token fields were present but empty; "
            "`partial`: some calls have them; `missing`: the source had no token fields at all; "
            "`incomplete`: a call of the rollout failed to be captured (NeMo Gym's `mark_incomplete`): "
-           "never trained on, flagged by `gymtape check`."),
+           "never trained on, flagged by `gymtape check`; `invalid_logprobs`: a call's logprobs are NaN, infinite "
+           "or positive: never trained on."),
     Column("num_calls", pa.int32(), False, "Model calls recorded for the rollout."),
     Column("prompt_tokens", pa.int64(), False, "Sum of the calls' full prompt lengths."),
     Column("generation_tokens", pa.int64(), False, "Sum of the calls' generated tokens."),

@@ -54,10 +54,23 @@ ROW_GROUP_ROWS = 4096
 READ_ATTEMPTS = 20
 
 
+#: How every shard is opened for reading: each page's CRC-32 (written by :func:`parquet_options`)
+#: is checked, so a flipped bit in a data page is a named error, not silently different rows.
+#: Shards written without checksums (before gymtape 0.13) are read as before.
+READ_OPTIONS: dict[str, object] = {"page_checksum_verification": True}
+
+#: What a damaged file raises from pyarrow: its own errors, OSError (a failed checksum, a short
+#: read), ValueError (UnicodeDecodeError from mangled footer metadata, a bad number).
+_DECODE_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
+
+
 def parquet_options(table: str) -> dict[str, object]:
-    """How every shard is written, by the writer and the compactor alike."""
+    """How every shard is written, by the writer and the compactor alike.
+
+    Every page carries a CRC-32 of its bytes (``write_page_checksum``; about 0.1% of the file),
+    which readers verify (:data:`READ_OPTIONS`)."""
     if table != CALLS_DIR:
-        return {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS}
+        return {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS, "write_page_checksum": True}
     # Token IDs and logprobs are plain-encoded (a dictionary over a 150k-token vocabulary only
     # adds a page of indices), logprobs byte-stream-split (exponent bytes together compress
     # well); both encodings every Parquet reader knows. pyarrow names a list's values by the
@@ -67,6 +80,7 @@ def parquet_options(table: str) -> dict[str, object]:
         "row_group_size": ROW_GROUP_ROWS,
         "use_dictionary": [c for c in SCHEMAS[CALLS_DIR].names if c not in _LIST_COLUMNS],
         "use_byte_stream_split": ["generation_logprobs.list.element"],
+        "write_page_checksum": True,
     }
 
 
@@ -174,16 +188,32 @@ class ShardCatalog:
 
     # -- listings -------------------------------------------------------------------------------
 
-    def listing(self, table: str) -> ShardListing:
+    def listing(self, table: str, unreadable: list[CorruptShardError] | None = None) -> ShardListing:
         """List ``table``'s folder once and check every shard in it (re-listing, bounded, when a
-        listed shard vanishes before its footer is read)."""
+        listed shard vanishes before its footer is read).
+
+        ``unreadable``: a list that collects the shards failing the check (left out of the
+        listing) instead of raising :class:`~recorder.CorruptShardError` for the first."""
         _check_table(table)
         for _ in range(READ_ATTEMPTS):
+            bad: list[CorruptShardError] = []
             try:
-                return ShardListing.of(table, [self.check(table, e) for e in self.storage.list(table)
-                                               if is_published_shard(e.name)])
+                infos = []
+                for e in self.storage.list(table):
+                    if not is_published_shard(e.name):
+                        continue
+                    try:
+                        infos.append(self.check(table, e))
+                    except CorruptShardError as err:
+                        if unreadable is None:
+                            raise
+                        bad.append(err)
+                listing = ShardListing.of(table, infos)
             except ShardVanished:
                 continue
+            if unreadable is not None:
+                unreadable.extend(bad)
+            return listing
         raise self._unsettled(table)
 
     def settled_listing(self, table: str) -> ShardListing:
@@ -206,17 +236,21 @@ class ShardCatalog:
         try:
             md = self.storage.parquet_file(entry.path).metadata
             schema = md.schema.to_arrow_schema()
-        except (pa.ArrowException, OSError) as e:
+            num_rows = md.num_rows
+        except _DECODE_ERRORS as e:
             raise self._read_error(entry.path, e) from e
         meta = schema.metadata or {}
         check_file_schema(schema, SCHEMAS[table], where, "shard")
+        if num_rows < 0:
+            raise CorruptShardError(where, f"the footer says {num_rows} rows")
         try:
-            replaces = frozenset(orjson.loads(meta[SHARD_REPLACES_KEY])) if SHARD_REPLACES_KEY in meta else frozenset()
+            replaces = frozenset(str(n) for n in orjson.loads(meta[SHARD_REPLACES_KEY])) \
+                if SHARD_REPLACES_KEY in meta else frozenset()
             writers = {str(k): int(v) for k, v in orjson.loads(meta[SHARD_WRITERS_KEY]).items()} \
                 if SHARD_WRITERS_KEY in meta else {}
+            compacted_at = meta[SHARD_COMPACTED_AT_KEY].decode() if SHARD_COMPACTED_AT_KEY in meta else None
         except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError) as e:
             raise CorruptShardError(where, f"unreadable compaction metadata ({e})") from e
-        compacted_at = meta[SHARD_COMPACTED_AT_KEY].decode() if SHARD_COMPACTED_AT_KEY in meta else None
         own = writer_of(entry.name)
         if compacted_at is None:
             writers = {own: seq_of(entry.name)}
@@ -228,11 +262,16 @@ class ShardCatalog:
     # -- reading ---------------------------------------------------------------------------------
 
     def read_shard(self, info: ShardInfo, columns: list[str] | None = None) -> pa.Table:
-        """Read one checked shard (``ShardVanished`` if it was deleted since it was listed)."""
+        """Read one checked shard (``ShardVanished`` if it was deleted since it was listed).
+
+        Page checksums are verified, and the rows must come back as the footer promised (row
+        count, the table's columns at their types and nullability): anything else is a
+        :class:`~recorder.CorruptShardError` naming the shard."""
         try:
-            return self.storage.parquet_file(info.path).read(columns=columns)
-        except (pa.ArrowException, OSError) as e:
+            table = self.storage.parquet_file(info.path, **READ_OPTIONS).read(columns=columns)
+        except _DECODE_ERRORS as e:
             raise self._read_error(info.path, e) from e
+        return _as_schema(table, info, columns, self.storage.url(info.path))
 
     def _read_error(self, path: str, error: Exception) -> Exception:
         """A shard that is gone vanished (object stores report a delete between the open and a
@@ -249,20 +288,36 @@ class ShardCatalog:
         except ShardVanished:
             return None
 
-    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
+    def read(self, table: str, columns: list[str] | None = None, *,
+             unreadable: list[CorruptShardError] | None = None) -> pa.Table:
         """Every row of ``table`` exactly once, as of one settled listing (see the module doc):
-        the live shards' rows, then the log's."""
+        the live shards' rows, then the log's.
+
+        ``unreadable``: a list that collects the shards that cannot be read (their rows left
+        out) instead of raising :class:`~recorder.CorruptShardError` for the first: for
+        ``gymtape check``, which reports every damaged shard and checks the rest."""
         _check_table(table)
+        tolerant = unreadable is not None
         for _ in range(READ_ATTEMPTS):
+            bad: list[CorruptShardError] = []
             try:
                 log = self.log_entries(table)
-                listing = self.listing(table)
-                parts = [self.read_shard(s, columns) for s in listing.live]
-                if self.listing(table).missed_by(listing):
+                listing = self.listing(table, bad if tolerant else None)
+                parts = []
+                for s in listing.live:
+                    try:
+                        parts.append(self.read_shard(s, columns))
+                    except CorruptShardError as e:
+                        if not tolerant:
+                            raise
+                        bad.append(e)
+                if self.listing(table, [] if tolerant else None).missed_by(listing):
                     continue
                 parts += [r.table for r in self.read_log(table, log, listing, columns)]
             except ShardVanished:
                 continue
+            if unreadable is not None:
+                unreadable.extend(bad)
             return _concat(table, parts, columns)
         raise self._unsettled(table)
 
@@ -319,6 +374,26 @@ class ShardCatalog:
 def segment_shard(segment_name: str) -> str:
     """The name of the shard a log segment is sealed into (same stem, same rows in the same order)."""
     return _wal.shard_name_of(segment_name)
+
+
+def _as_schema(table: pa.Table, info: ShardInfo, columns: list[str] | None, where: str) -> pa.Table:
+    """``table`` as read from a shard, held to what the table's schema and the footer promise."""
+    schema = SCHEMAS[info.table]
+    want = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+    if table.num_rows != info.rows:
+        raise CorruptShardError(where, f"{table.num_rows} rows read, the footer says {info.rows}")
+    got = table.schema
+    if got.names == want.names and all(g.type.equals(w.type) and g.nullable == w.nullable for g, w in zip(got, want)):
+        return table
+    if not set(want.names) <= set(got.names):
+        raise CorruptShardError(where, f"columns {sorted(set(want.names) - set(got.names))} are missing")
+    for f in want:
+        col = table.column(f.name)
+        if not col.type.equals(f.type):
+            raise CorruptShardError(where, f"column {f.name} reads as {col.type}, expected {f.type}")
+        if not f.nullable and col.null_count:
+            raise CorruptShardError(where, f"column {f.name} holds {col.null_count} nulls; it may hold none")
+    return pa.Table.from_arrays([table.column(f.name) for f in want], schema=want.with_metadata(got.metadata))
 
 
 def _concat(table: str, parts: list[pa.Table], columns: list[str] | None) -> pa.Table:

@@ -267,11 +267,12 @@ class TapeStorage:
             raise FileNotFoundError(self.url(path))
         return info.size or 0
 
-    def parquet_file(self, path: str) -> pq.ParquetFile:
-        """Open a Parquet file by its path on :attr:`fs` (``FileNotFoundError`` if it is gone)."""
+    def parquet_file(self, path: str, **options: Any) -> pq.ParquetFile:
+        """Open a Parquet file by its path on :attr:`fs` (``FileNotFoundError`` if it is gone);
+        ``options`` go to ``pyarrow.parquet.ParquetFile`` (e.g. ``page_checksum_verification``)."""
         if self.local is not None:
-            return pq.ParquetFile(path, memory_map=True)
-        return pq.ParquetFile(self.fs.open_input_file(path))
+            return pq.ParquetFile(path, memory_map=True, **options)
+        return pq.ParquetFile(self.fs.open_input_file(path), **options)
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -18,9 +18,15 @@ stem, atomically published) and the segment is deleted. A reader that sees both 
 shard; compaction covers segments through the shard names it replaces. So every row is read
 exactly once, wherever it is.
 
+A batch may carry custom metadata (Arrow IPC's per-message key/value pairs, which readers of
+the rows ignore): `gymtape serve` puts its calls' call-key index entries there
+(``gymtape:keys``, ``recorder.tape._keys``), so the one fsync of the group makes the index
+entries durable too, and the index file is only synced before its rows' segment is sealed.
+
 Crash recovery: a live writer holds an exclusive ``flock`` on each segment it appends to. A
 segment nobody holds belongs to a dead writer; readers read it as it is (nothing is lost), and
-the next durable writer to open the tape seals it into its shard (:func:`recover`).
+the next durable writer to open the tape seals it into its shard (:func:`recover`), first
+writing again any index entry of its batches that the dead writer's index file lost.
 """
 
 from __future__ import annotations
@@ -33,9 +39,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from .._errors import CorruptShardError
+from ._keys import LOG_METADATA_KEY, restore_from_log
 from ._layout import SHARD_SUFFIX, WAL_DIR, WAL_SUFFIX, is_temp_file, temp_name
 from ._meta import check_file_schema
 from ._storage import Entry, TapeStorage, fsync_dir, publish
+
+
+#: Custom-metadata key under which a batch carries its rows' notes (``TapeWriter.add_call(log_note=)``).
+KEYS_METADATA = LOG_METADATA_KEY
 
 
 def segment_rel(table: str, stem: str) -> str:
@@ -83,12 +94,15 @@ class Segment:
             raise
         self.fd = fd
         self.size = header.size
+        self._schema_bytes = header.size  # the schema message a stream writer starts with
+        self._schema_header: pa.Buffer = header
 
-    def append(self, batch: pa.RecordBatch) -> None:
-        """Append and fsync; on failure the segment is cut back to its last whole batch (or,
-        when even that fails, marked broken so the writer starts a new one). The file is opened
-        ``O_APPEND``: after a cut, the next batch lands right after the last whole one."""
-        data = batch.serialize()
+    def append(self, batch: pa.RecordBatch, metadata: dict[bytes, bytes] | None = None) -> None:
+        """Append (with ``metadata`` as the batch message's custom metadata) and fsync; on
+        failure the segment is cut back to its last whole batch (or, when even that fails,
+        marked broken so the writer starts a new one). The file is opened ``O_APPEND``: after a
+        cut, the next batch lands right after the last whole one."""
+        data = batch.serialize() if not metadata else self._message(batch, metadata)
         try:
             _write_all(self.fd, data)
             os.fdatasync(self.fd)
@@ -102,6 +116,18 @@ class Segment:
         self.size += data.size
         self.batches.append(batch)
         self.rows += batch.num_rows
+
+    def _message(self, batch: pa.RecordBatch, metadata: dict[bytes, bytes]) -> pa.Buffer:
+        """The batch's IPC message with custom metadata (``RecordBatch.serialize`` has none): a
+        stream writer's output without the schema message it starts with (the same bytes as
+        ``schema.serialize()``, checked)."""
+        sink = pa.BufferOutputStream()
+        writer = pa.ipc.new_stream(sink, self.schema)
+        writer.write_batch(batch, custom_metadata=metadata)
+        data = sink.getvalue()  # the stream is not closed: no end-of-stream marker
+        if not data.slice(0, self._schema_bytes).equals(self._schema_header):
+            raise RuntimeError("pyarrow's stream writer starts with other bytes than schema.serialize()")
+        return data.slice(self._schema_bytes)
 
     def table(self) -> pa.Table:
         return pa.Table.from_batches(self.batches, schema=self.schema)
@@ -166,6 +192,27 @@ def read_segment(storage: TapeStorage, table_name: str, entry: Entry, schema: pa
     return SegmentRows(entry.name, out.replace_schema_metadata(None), torn)
 
 
+def batch_metadata(data: bytes, key: bytes) -> list[bytes]:
+    """The ``key`` custom metadata of a segment's whole batches (``data``: the segment file), in
+    order; a torn last batch has none. Raises nothing: an unreadable segment has none either."""
+    out = []
+    try:
+        reader = pa.ipc.open_stream(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError):
+        return out
+    while True:
+        try:
+            got = reader.read_next_batch_with_custom_metadata()
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, OSError):  # an incomplete last message: in progress, or torn
+            break
+        value = got.custom_metadata.get(key) if got.custom_metadata is not None else None
+        if value is not None:
+            out.append(value)
+    return out
+
+
 def held_by_live_writer(path: Path) -> bool:
     """Whether a writer holds this segment (its flock); False when it is gone."""
     try:
@@ -207,8 +254,11 @@ def recover(storage: TapeStorage, table_name: str, schema: pa.Schema, **parquet_
             continue
         try:
             rows = read_segment(storage, table_name, entry, schema)
+            keys = batch_metadata(storage.read_bytes(WAL_DIR, table_name, entry.name), LOG_METADATA_KEY)
         except (FileNotFoundError, CorruptShardError):
             continue
+        if keys:  # the dead writer's call-key index entries of these rows: durable before the seal
+            restore_from_log(storage.local, entry.name[: -len(WAL_SUFFIX)], b"".join(keys))
         seal(storage, table_name, entry.name, rows.table.replace_schema_metadata(schema.metadata), **parquet_options)
         done.append(entry.name)
     return done

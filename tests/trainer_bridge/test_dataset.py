@@ -242,3 +242,44 @@ def test_window_packing_equals_packing_each_micro_batch_alone(tape: Path) -> Non
         # The wire dtypes: int32 IDs, a bool mask (what crosses worker processes and the H2D copy).
         assert mb.input_ids.dtype == mb.position_ids.dtype == mb.cu_seqlens.dtype == torch.int32
         assert mb.extras["loss_mask"].dtype == torch.bool
+
+
+def test_loader_micro_batches_pickle_and_copy_as_plain_micro_batches(tape: Path) -> None:
+    """The loader cuts per-sequence bookkeeping when first read; pickled (DataLoader workers) or
+    copied, a micro-batch is a plain MicroBatch with every field equal."""
+    import copy
+    import pickle
+    from dataclasses import fields
+
+    from trainer_bridge import MicroBatch
+
+    ds = TapeDataset(tape, token_budget=400, seed=4, cache=False)
+    for mb in list(ds)[:3]:
+        for other in (pickle.loads(pickle.dumps(mb)), copy.copy(mb), copy.deepcopy(mb)):
+            assert type(other) is MicroBatch
+            for f in fields(MicroBatch):
+                a, b = getattr(mb, f.name), getattr(other, f.name)
+                if isinstance(a, torch.Tensor):
+                    assert a.dtype == b.dtype and torch.equal(a, b), f.name
+                elif isinstance(a, np.ndarray):
+                    assert (a == b).all(), f.name
+                elif f.name == "extras":
+                    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                else:
+                    assert a == b, f.name
+    with pytest.raises(AttributeError):
+        mb.not_a_field  # noqa: B018
+
+
+def test_planning_a_shard_by_rows_equals_planning_its_rollouts_taken_out(tape: Path) -> None:
+    import pyarrow as pa
+
+    from trainer_bridge._sequences import CALL_COLUMNS, plan_sequences
+
+    ds = TapeDataset(tape, token_budget=400, seed=4, cache=False)
+    calls = Tape(tape).read("calls", CALL_COLUMNS)
+    rows = ds.assignment(1, (1, 2, 0, 1))
+    by_rows = plan_sequences(calls, ds._rollouts, include_open=False, rows=rows).table()
+    taken = plan_sequences(calls, ds._rollouts.take(pa.array(rows)), include_open=False).table()
+    assert 0 < by_rows.num_rows < build_sequences(tape).num_rows
+    assert by_rows.equals(taken)

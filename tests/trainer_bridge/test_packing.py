@@ -163,3 +163,16 @@ def test_gradients_flow_through_chunks(smol: torch.nn.Module) -> None:
     lp.sum().backward()
     assert head.grad is not None and head.grad.abs().sum() > 0
     head.grad = None
+
+
+def test_bins_as_two_arrays_reorder_like_a_list_of_bins() -> None:
+    from trainer_bridge._packing import Bins, packed_bins
+
+    lengths = np.random.default_rng(5).integers(1, 900, 300)
+    bins = packed_bins(lengths, 1024)
+    listed = plan_bins(lengths, 1024)
+    assert [b.tolist() for b in bins.as_list()] == [b.tolist() for b in listed]
+    assert len(bins) == len(listed) and Bins.of(listed).members.tolist() == bins.members.tolist()
+    perm = np.random.default_rng(6).permutation(len(bins))
+    assert [b.tolist() for b in bins.reorder(perm).as_list()] == [listed[i].tolist() for i in perm]
+    assert len(packed_bins(np.zeros(0, np.int64), 10)) == 0 and Bins.of([]).as_list() == []

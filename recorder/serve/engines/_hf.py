@@ -107,6 +107,42 @@ def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], resul
         pass
 
 
+#: A sharded save_pretrained checkpoint's index: which file holds each weight.
+_INDEX = "model.safetensors.index.json"
+
+
+def _indexed_files(folder: Path, bad: Any) -> list[Path]:
+    """The weight files a sharded checkpoint's index names, each checked to be inside ``folder``.
+
+    The index is data, so it may name anything: a name that leaves the folder (absolute, ``..``,
+    or through a linked directory) is refused before any file is opened. A listed file that is
+    itself a link is followed, as for the files of an unsharded folder: that is the folder's own
+    layout (the Hugging Face cache links every file of a snapshot to its blob).
+    """
+    index = folder / _INDEX
+    try:
+        data = json.loads(index.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
+        raise bad(f"{index} is not a readable JSON index ({exc}); rewrite it with save_pretrained") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise bad(f"{index}: weight_map must be an object mapping weight names to file names in {folder}, got "
+                  f"{type(weight_map).__name__}; rewrite it with save_pretrained")
+    root = folder.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        file = root / name
+        try:
+            inside = file.name not in ("", ".", "..") and file.parent.resolve().is_relative_to(root)
+        except (OSError, ValueError):  # a link loop, a NUL byte
+            inside = False
+        if not inside:
+            raise bad(f"{index}: weight_map names the file {name!r}, which is outside the checkpoint directory "
+                      f"{root}; every weights file must be inside it")
+        files.append(file)
+    return files
+
+
 def _torch_dtype(name: str) -> torch.dtype | str:
     if name == "auto":
         return name
@@ -437,15 +473,17 @@ class HFEngine:
         def bad(message: str) -> EngineError:
             return EngineError(message, status=400, type="invalid_request_error")
 
-        if not path.exists():
-            raise bad(f"weights path {path} does not exist")
-        if path.is_file():
-            files = [path]
-        elif (path / "model.safetensors.index.json").is_file():
-            weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-            files = [path / name for name in sorted(set(weight_map.values()))]
-        else:
-            files = sorted(path.glob("*.safetensors"))
+        try:
+            if not path.exists():
+                raise bad(f"weights path {path} does not exist")
+            if path.is_file():
+                files = [path]
+            elif (path / _INDEX).is_file():
+                files = _indexed_files(path, bad)
+            else:
+                files = sorted(path.glob("*.safetensors"))
+        except (OSError, ValueError) as exc:  # unreadable folder, a name too long, a NUL byte
+            raise bad(f"cannot read weights path {path}: {exc}") from exc
         if not files:
             raise bad(f"no .safetensors weights in {path} (save with save_pretrained(safe_serialization=True))")
         tensors: dict[str, torch.Tensor] = {}
