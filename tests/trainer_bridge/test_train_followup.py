@@ -1,7 +1,7 @@
 """`gymtape train` on the multi-turn `followup` env, short: each two-call rollout trains as ONE
 sequence holding both turns, the loss mask on each call's generation and 0 on the env's message,
-and sampler and trainer agree to the numeric floor (docs/train-followup-run.jsonl holds the
-100-step run that shows learning)."""
+and sampler and trainer agree to the numeric floor. (Whether the env is learnable is shown by a
+long `gymtape train` run, not by this test: a few steps cannot show learning.)"""
 
 from __future__ import annotations
 
