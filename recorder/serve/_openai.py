@@ -211,8 +211,11 @@ def _messages(data: dict[str, Any], vocab_size: int) -> list[dict[str, Any]]:
             raise APIError(f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}", param=f"{where}.role")
         m = dict(m)
         m["content"] = _content_text(m.get("content"), where)
+        calls = m.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise APIError(f"{where} is a {role} message; only assistant messages carry tool_calls",
+                           param=f"{where}.tool_calls")
         if role == "assistant":
-            calls = m.get("tool_calls")
             if calls is not None and not isinstance(calls, list):
                 raise APIError(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
             for j, c in enumerate(calls or []):

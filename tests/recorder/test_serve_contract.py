@@ -105,6 +105,9 @@ def _assistant(**fields: Any) -> dict[str, Any]:
     ({"model": "policy"}, 400, ["messages is required"]),
     ({"messages": []}, 400, ["non-empty"]),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, ["messages[0].role", "wizard"]),
+    # found by schemathesis (tests/recorder/test_serve_fuzz.py): was a 500 (TypeError in templating)
+    ({"messages": [{"role": "tool", "tool_calls": True}]}, 400, ["messages[0]", "only assistant messages carry tool_calls"]),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": True}]}, 400, ["tool_calls must be a list"]),
     ({"messages": [_assistant(generation_token_ids=[10**9])]}, 400, ["10000000", "vocabulary"]),
     ({"messages": [_assistant(generation_log_probs=[-0.5, -0.1])]}, 400, ["generation_token_ids has 1", "generation_log_probs has 2"]),
     ({"messages": [_assistant(prompt_token_ids=None)]}, 400, ["prompt_token_ids"]),
