@@ -298,6 +298,10 @@ class ShardCatalog:
         ``gymtape check``, which reports every damaged shard and checks the rest."""
         _check_table(table)
         tolerant = unreadable is not None
+        # Shard names are write-once, so a shard read by a failed attempt holds the same rows in
+        # the next: a retry reads only what is new, which keeps its window short enough to settle
+        # beside a writer and a compactor that never pause.
+        done: dict[tuple[str, int], pa.Table] = {}
         for _ in range(READ_ATTEMPTS):
             bad: list[CorruptShardError] = []
             try:
@@ -306,7 +310,10 @@ class ShardCatalog:
                 parts = []
                 for s in listing.live:
                     try:
-                        parts.append(self.read_shard(s, columns))
+                        key = (s.path, s.bytes)
+                        if key not in done:
+                            done[key] = self.read_shard(s, columns)
+                        parts.append(done[key])
                     except CorruptShardError as e:
                         if not tolerant:
                             raise
