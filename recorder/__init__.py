@@ -26,6 +26,7 @@ from ._errors import (
     CompactionBusyError,
     CorruptShardError,
     GymCaptureUnavailableError,
+    GymConversionError,
     GymFormatError,
     GymtapeError,
     NotATapeError,
@@ -42,7 +43,9 @@ from ._errors import (
     WriterClosedError,
     WriterIdConflictError,
 )
+from ._data import chat_template_path
 from .collect._gym import IngestReport, export_gym_jsonl, gym_jsonl_size, ingest_gym_jsonl, iter_gym_lines
+from .collect._gym_messages import gym_call_requests
 from .collect._synthetic import synthesize_gym_rollouts
 from .serve._config import ServeConfig, ServeConfigError
 from .serve._splice import SpliceError, splice_prefix
@@ -62,6 +65,7 @@ from .tape._layout import FORMAT_VERSION
 from .tape._meta import TapeMeta, TokenizerIdentity, tokenizer_identity
 from .tape._prompts import common_prefix_len, rebuild_prompts
 from .tape._reader import CallsByRollout, ListColumn, Tape
+from .tape._runs import run_manifests
 from .tape._shards import ShardCatalog, ShardInfo, ShardListing, segment_shard
 from .tape._records import CallRecord, RolloutRecord
 from .tape._schema import CALLS_SCHEMA, ROLLOUTS_SCHEMA
@@ -110,11 +114,11 @@ __all__ = [
     "RecordConfigError", "ServeConfigError", "ServeProcessError", "SpliceError", "TapeError", "TapeValueError",
     "TapeVersionError", "TokenizerLoadError", "TokenizerMismatchError", "UnknownEnvError", "WriterClosedError",
     "WriterIdConflictError", "StorageError", "CompactionBusyError", "TapeWriteError",
-    "CaptureConflictError", "CaptureRetiredError", "GymCaptureUnavailableError",
+    "CaptureConflictError", "CaptureRetiredError", "GymCaptureUnavailableError", "GymConversionError",
     # the tape
     "CALLS_SCHEMA", "FORMAT_VERSION", "ROLLOUTS_SCHEMA", "CallRecord", "CallsByRollout", "ListColumn", "RolloutRecord",
     "ShardInfo", "Tape", "TapeMeta", "TapeWriter", "TokenizerIdentity", "atomic_file", "common_prefix_len",
-    "rebuild_prompts", "summarize", "tokenizer_identity",
+    "rebuild_prompts", "run_manifests", "summarize", "tokenizer_identity",
     # referential integrity: rollouts missing calls, incomplete, superseded by a retry
     "INTEGRITY_CALL_COLUMNS", "INTEGRITY_ROLLOUT_COLUMNS", "RolloutIntegrity", "broken_rollouts", "read_integrity",
     "rollout_integrity",
@@ -128,8 +132,10 @@ __all__ = [
     "ResolvedTokenizer", "resolve_tokenizer",
     # collection, Gym import/export
     "BUILTIN_ENVS", "BuiltinEnv", "EnvConfig", "IngestReport", "RecordConfig", "RecordReport",
-    "builtin_env", "export_gym_jsonl", "gym_jsonl_size", "ingest_gym_jsonl", "iter_gym_lines", "load_config", "record",
+    "chat_template_path", "builtin_env", "export_gym_jsonl", "gym_jsonl_size", "ingest_gym_jsonl", "iter_gym_lines", "load_config", "record",
     "synthesize_gym_rollouts",
+    # the chat request of each call of a Gym rollout (what `gymtape check` re-templates)
+    "gym_call_requests",
     # NeMo Gym 0.7 token capture on a tape (token_id_capture: sink: recorder:TapeSink), and its import
     "CaptureIngestReport", "TapeLineage", "TapeSink", "TapeSource", "ingest_gym_capture",
 ]

@@ -20,6 +20,7 @@ that exist::
     ├── WriterClosedError            a closed writer was used
     ├── TapeWriteError               rows could not be made durable (disk full, permissions); retried [OSError]
     ├── GymFormatError               a Gym JSONL line is malformed (names file and line) [ValueError]
+    ├── GymConversionError           a Gym rollout's Responses items have no chat-message form [ValueError]
     ├── CaptureConflictError         a NeMo Gym capture call id was put again with another payload [ValueError]
     ├── CaptureRetiredError          a NeMo Gym capture rollout was used after its drop [RuntimeError]
     ├── GymCaptureUnavailableError   nemo_gym 0.7 is not installed: the Gym capture classes cannot run [ImportError]
@@ -116,6 +117,11 @@ class GymFormatError(GymtapeError, ValueError):
         self.source = source
         self.line_no = line_no
         self.reason = reason
+
+
+class GymConversionError(GymtapeError, ValueError):
+    """A NeMo Gym rollout's Responses request or output items cannot be turned back into the chat
+    messages its model server sent (an item type or field with no chat form, bad call indices)."""
 
 
 class CaptureConflictError(GymtapeError, ValueError):

@@ -6,7 +6,8 @@ consistency) that need only the tokenizer; tapes are read through :class:`record
 and measures the mismatch with the recorded sampling logprobs (``grouped_metrics``: trainer_bridge's
 one definition of the mismatch metrics, under replay's names).
 :func:`diff_tapes` pairs the rollouts of two tapes and finds where each pair first differs;
-``print_*`` / ``write_*_html`` render the reports of inspect, check, replay and diff (terminal,
+:func:`run_ab` trains the splice and the re-templating arm from one seed and writes the A/B
+report (``gymtape train --ab``). ``print_*`` / ``write_*_html`` render the reports of inspect, check, replay and diff (terminal,
 self-contained HTML).
 """
 
@@ -16,6 +17,7 @@ from ._render import print_check, print_diff, print_replay, print_summary, write
 from ._engine_url import EngineReplayError
 from ._replay import ReplayError, ReplayReport, TokenOutOfVocabError, UnknownMetricError, parse_fail_above, replay_tape
 
+_AB_NAMES = ("ABReport", "run_ab")  # trains: pulls in torch
 _TORCH_NAMES = ("ReplayModelError", "ScoreSettings", "load_model", "score_sequences")
 #: replay's names for the mismatch metrics, which are defined once, in trainer_bridge (that loads torch).
 _METRICS = {"grouped_metrics": "grouped_mismatch_metrics", "token_metrics": "token_mismatch_metrics"}
@@ -26,6 +28,10 @@ def __getattr__(name: str):  # the model scorer and trainer_bridge pull in torch
         from . import _score
 
         return getattr(_score, name)
+    if name in _AB_NAMES:
+        from . import _ab
+
+        return getattr(_ab, name)
     if name in _METRICS:
         from trainer_bridge import grouped_mismatch_metrics, token_mismatch_metrics
 
@@ -34,10 +40,10 @@ def __getattr__(name: str):  # the model scorer and trainer_bridge pull in torch
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_TORCH_NAMES) | set(_METRICS))
+    return sorted(set(globals()) | set(_TORCH_NAMES) | set(_METRICS) | set(_AB_NAMES))
 
 
-__all__ = ["CheckReport", "check_tape", "print_check", "print_summary"]
+__all__ = ["ABReport", "CheckReport", "check_tape", "print_check", "print_summary", "run_ab"]
 __all__ += ["DiffError", "DiffReport", "diff_tapes", "print_diff", "print_replay", "write_diff_html",
             "write_replay_html"]
 __all__ += ["EngineReplayError", "ReplayError", "ReplayModelError", "ReplayReport", "ScoreSettings",

@@ -26,6 +26,10 @@ Per call, four checks:
   with the chat template exactly as ``gymtape serve`` renders a request, but *without* the
   on-policy splice, and compared with the recorded prompt. The first divergence is reported
   and classified (``tool_call_format``, ``reasoning_stripped``, ``retokenization``, ``other``).
+  Ingested NeMo Gym calls carry no messages: theirs are rebuilt from the rollout line
+  (:func:`recorder.gym_call_requests`, as Gym's model server converts Responses items). The
+  template is ``chat_template`` when given, else the one ``gymtape serve --chat-template``
+  recorded in the tape's run manifests, else the tokenizer's.
 * **history**: a call whose prompt does not extend the previous call's context (its
   ``prefix_len`` is shorter than the previous prompt + generation): a rewrite, truncation or
   summary of the conversation.
@@ -52,9 +56,13 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from recorder import (INTEGRITY_ROLLOUT_COLUMNS, CorruptShardError, ListColumn, Tape, broken_rollouts,
-                      common_prefix_len, resolve_tokenizer, rollout_integrity)
+from recorder import (INTEGRITY_ROLLOUT_COLUMNS, CorruptShardError, GymConversionError, ListColumn, Tape,
+                      broken_rollouts, common_prefix_len, gym_call_requests, resolve_tokenizer, rollout_integrity,
+                      run_manifests)
+from ._replay import ReplayError
 
 SCHEMA_VERSION = 1
 
@@ -134,8 +142,14 @@ class CheckReport:
     broken_rollouts: list[dict[str, Any]] = field(default_factory=list)
     #: Calls whose request messages are on the tape (the re-templating check ran on them).
     checkable_calls: int = 0
-    #: Calls without request messages (ingested Gym rollouts) or without token IDs.
+    #: Calls without request messages (neither on the tape nor rebuildable) or without token IDs.
     not_checkable: int = 0
+    #: Calls whose request messages were rebuilt from their NeMo Gym rollout line (ingested
+    #: tapes: ``responses_create_params`` + the output items, as Gym's model server converts them).
+    rebuilt_calls: int = 0
+    #: Which chat template rendered the requests: ``"tokenizer"`` (the tokenizer's own), or where
+    #: the override came from (``--chat-template FILE``, or the tape's ``gymtape serve --chat-template``).
+    chat_template: str = "tokenizer"
     generated_tokens: int = 0
     checkable_generated_tokens: int = 0
     off_policy_tokens: int = 0
@@ -185,6 +199,8 @@ class CheckReport:
             "calls": self.calls,
             "checkable_calls": self.checkable_calls,
             "not_checkable": self.not_checkable,
+            "rebuilt_calls": self.rebuilt_calls,
+            "chat_template": self.chat_template,
             "generated_tokens": self.generated_tokens,
             "checkable_generated_tokens": self.checkable_generated_tokens,
             "off_policy_tokens": self.off_policy_tokens,
@@ -283,11 +299,19 @@ class _Tok:
 
 
 class _Renderer:
-    """Chat messages → prompt IDs, as recorder._prompting.PromptBuilder.render does (no splice)."""
+    """Chat messages → prompt IDs, as recorder._prompting.PromptBuilder.render does (no splice).
 
-    def __init__(self, tokenizer: Any, tok: _Tok) -> None:
+    ``chat_template``: template text rendering instead of the tokenizer's, on a shallow copy (the
+    caller's tokenizer keeps its own)."""
+
+    def __init__(self, tokenizer: Any, tok: _Tok, chat_template: str | None = None) -> None:
+        import copy
+
         from recorder import PromptBuilder
 
+        if chat_template is not None:
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = chat_template
         self.tok = tok
         self.tokenizer = tokenizer
         self.builder: Any = None
@@ -331,7 +355,8 @@ _COLUMNS = ["call_id", "rollout_id", "call_index", "prefix_len", "prompt_suffix_
 
 def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, max_examples: int = 20,
                tokenizer_dir: str | os.PathLike[str] | None = None,
-               allow_tokenizer_mismatch: bool = False) -> CheckReport:
+               allow_tokenizer_mismatch: bool = False,
+               chat_template: str | os.PathLike[str] | None = None) -> CheckReport:
     """Run the structural checks over every call of ``tape``.
 
     Args:
@@ -345,6 +370,9 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, ma
         allow_tokenizer_mismatch: check with a tokenizer whose identity differs from the
             tape's instead of raising :class:`recorder.TokenizerMismatchError`; the mismatch is
             then a ``tokenizer_mismatch`` problem and a warning.
+        chat_template: a Jinja chat template file (or the template's text) that renders the
+            requests instead of the tokenizer's; default: the one ``gymtape serve
+            --chat-template`` recorded in the tape's run manifests, if any, else the tokenizer's.
     """
     t0 = time.perf_counter()
     if not isinstance(tape, Tape):
@@ -361,6 +389,7 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, ma
                          tape_tokenizer=recorded.to_dict() if recorded else None, warnings=list(resolved.warnings))
     st = _State(report, max_examples)
     tok = _Tok(tokenizer)
+    template_text = _chat_template(tape, chat_template, report)
     if resolved.mismatch is not None and ident is not None and recorded is not None:
         st.add("tokenizer_mismatch", None, None, None, resolved.mismatch,
                {"tape_tokenizer": recorded.to_dict(), "tokenizer": ident.to_dict()})
@@ -374,7 +403,8 @@ def check_tape(tape: Tape | str | os.PathLike[str], tokenizer: Any = None, *, ma
         cols = _Columns(table)
         ranges = cols.ranges
         _field_checks(cols, tok, st)
-        _walk(cols, tok, _Renderer(tokenizer, tok), st)
+        _rebuild_gym_requests(tape, cols, st)
+        _walk(cols, tok, _Renderer(tokenizer, tok, template_text), st)
     _integrity(tape, table, ranges, st, unreadable)
     for e in unreadable:
         report.unreadable_shards.append(e.path)
@@ -421,6 +451,117 @@ def _integrity(tape: Tape, calls: Any, ranges: dict[str, tuple[int, int]], st: _
                    "re-run it: gymtape record --resume --retry-failed",
                    {k: b[k] for k in ("env", "task_index", "rollout_index", "num_calls", "calls_found",
                                       "missing_call_indices") if k in b})
+
+
+_TEMPLATE_MARKS = ("{%", "{{")
+
+
+def _chat_template(tape: Tape, given: str | os.PathLike[str] | None, report: CheckReport) -> str | None:
+    """The template text that renders requests (None: the tokenizer's), and where it came from."""
+    if given is not None:
+        text = _template_text(given)
+        if text is None:
+            raise ReplayError(f"chat template {str(given)!r} is neither a readable file nor Jinja template text; "
+                              "pass the path of a .jinja file")
+        report.chat_template = f"{given}" if not _is_template(str(given)) else "given as text"
+        return text
+    recorded = sorted({str(run["config"]["chat_template"]) for run in run_manifests(tape).values()
+                       if isinstance(run.get("config"), dict) and run["config"].get("chat_template")})
+    if not recorded:
+        return None
+    if len(recorded) > 1:
+        report.warnings.append(f"the tape was recorded with {len(recorded)} different chat templates "
+                               f"({', '.join(map(repr, recorded))}); rendering with the first. Pass --chat-template "
+                               "to choose")
+    text = _template_text(recorded[0])
+    if text is None:
+        report.warnings.append(f"the tape was recorded by gymtape serve --chat-template {recorded[0]!r}, which is not "
+                               "found here: rendering with the tokenizer's template instead, so re-templating "
+                               "differences may be the template's. Pass --chat-template FILE")
+        return None
+    report.chat_template = f"recorded: {recorded[0]}" if not _is_template(recorded[0]) else "recorded (text)"
+    return text
+
+
+def _is_template(s: str) -> bool:
+    return any(m in s for m in _TEMPLATE_MARKS)
+
+
+def _template_text(value: str | os.PathLike[str]) -> str | None:
+    """A template file's text, or ``value`` itself when it is template text (as `gymtape serve`
+    takes either); None when it is neither."""
+    s = os.fspath(value)
+    if _is_template(s):
+        return s
+    try:
+        with open(s, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+#: What a rollout row holds of its Gym line: enough to rebuild each call's chat request.
+_GYM_ROLLOUT_COLUMNS = ["rollout_id", "input_json", "response_json", "call_item_indices"]
+
+
+def _rebuild_gym_requests(tape: Tape, c: _Columns, st: _State) -> None:
+    """Give ingested Gym calls (no request messages on the tape) the chat request Gym's model
+    server sent for them, rebuilt from their rollout line by :func:`recorder.gym_call_requests`,
+    delta-encoded into ``c`` exactly as a recorded tape stores messages, so the walk re-templates
+    them like any other call. Rollouts that cannot be rebuilt stay not checkable, with a warning."""
+    need = [rid for rid, (a, b) in c.ranges.items() if all(c.new_messages_json[r] is None for r in range(a, b))]
+    if not need:
+        return
+    # Shards that cannot be read are reported once, by _integrity's read of the same table.
+    table = tape.read("rollouts", _GYM_ROLLOUT_COLUMNS, unreadable=[])
+    table = table.filter(pc.is_in(table.column("rollout_id"), value_set=pa.array(need, pa.string())))
+    rows = {rid: (inp, resp, idx) for rid, inp, resp, idx in zip(*(table.column(k).to_pylist()
+                                                                     for k in _GYM_ROLLOUT_COLUMNS))}
+    failed: Counter[str] = Counter()  # why → calls
+    bare = 0
+    for rid in need:
+        a, b = c.ranges[rid]
+        row = rows.get(rid)
+        if row is None or row[0] is None and row[1] is None:  # not a Gym line: nothing to rebuild from
+            continue
+        if any(v is None for v in row):
+            bare += b - a
+            continue
+        try:
+            requests = gym_call_requests(*row)
+        except GymConversionError as e:
+            failed[str(e)] += b - a
+            continue
+        prev: list[Any] | None = None
+        prev_tools: str | None = None
+        for r in range(a, b):
+            ci = c.call_index[r]
+            if not 0 <= ci < len(requests):
+                failed[f"call index {ci} has no output item of its own (the rollout line names {len(requests)} "
+                       "model calls)"] += 1
+                prev = None
+                continue
+            messages, tools = requests[ci]
+            tools_json = orjson.dumps(tools).decode() if tools is not None else None
+            mpl = 0
+            if prev is not None and tools_json == prev_tools:
+                while mpl < min(len(prev), len(messages)) and prev[mpl] == messages[mpl]:
+                    mpl += 1
+            c.messages_prefix_len[r] = mpl
+            c.new_messages_json[r] = orjson.dumps(messages[mpl:]).decode()
+            c.tools_json[r] = tools_json if mpl == 0 or tools_json != prev_tools else None
+            prev, prev_tools = messages, tools_json
+            st.report.rebuilt_calls += 1
+    if failed:
+        (why, n), more = failed.most_common(1)[0], len(failed) - 1
+        others = f"; and {more} other reason(s)" if more else ""
+        st.report.warnings.append(
+            f"{sum(failed.values())} ingested call(s) stay not checkable for re-templating: their chat messages cannot "
+            f"be rebuilt from the Gym rollout line ({why}: {n} call(s){others})")
+    if bare:
+        st.report.warnings.append(
+            f"{bare} ingested call(s) stay not checkable for re-templating: their rollout rows lack the Gym request, "
+            "response or call_item_indices that rebuild their chat messages")
 
 
 class _Columns:

@@ -51,6 +51,10 @@ mark { background: #ffd480; padding: 0 1px; border-radius: 2px; } .bad { color: 
   white-space: pre-wrap; word-break: break-all; line-height: 1.7; background: #fff; border: 1px solid var(--line);
   border-radius: 6px; padding: 8px; }
 .tokens span { border-radius: 2px; } .tokens .p { color: #9aa1ab; } .tokens .n { background: #e8e8ff; }
+.tokens .e, .legend .e { color: #2f5f9e; background: #eaf1fb; }
+.tokens .turn { display: block; margin: 8px 0 2px; padding: 1px 6px; border-top: 2px solid #2f5f9e; color: #2f5f9e;
+  font: 600 11.5px system-ui, sans-serif; white-space: normal; }
+.tokens .turn:first-child { margin-top: 0; } .legend .turn-key { color: #2f5f9e; border-top: 2px solid #2f5f9e; }
 details { margin: 6px 0; } summary { cursor: pointer; font-weight: 600; }
 .legend span { display: inline-block; padding: 0 6px; margin-right: 2px; border-radius: 2px; font-size: 12px; }
 .caption { color: var(--muted); font-size: 12px; margin: 2px 0 8px; }
@@ -93,12 +97,15 @@ def decade(x: float) -> str:
     return f"{x:g}" if x >= 1e-3 else f"1e{round(math.log10(x))}"
 
 
-def legend() -> str:
+def legend(*, turns: bool = False) -> str:
+    """The token colours; ``turns`` adds the multi-call marks (turn dividers, environment text)."""
     e = [decade(x) for x in DELTA_EDGES]
     labels = [f"<{e[0]}"] + [f"{lo}–{hi}" for lo, hi in zip(e[:-1], e[1:])] + [f"≥{e[-1]}"]
     spans = "".join(f'<span class="d{i}">{esc(lab)}</span>' for i, lab in enumerate(labels))
+    extra = ('<span class="e">environment + template text between calls</span>'
+             '<span class="turn-key">▼ call k / ▲ end of call k: turn boundary</span>') if turns else ""
     return (f'<div class="legend">|Δlogprob| {spans} <span class="p tokens" style="padding:0 6px">prompt</span>'
-            '<span class="n">no value</span></div>')
+            f'<span class="n">no value</span>{extra}</div>')
 
 
 def token_html(piece: str, cls: str, title: str) -> str:

@@ -111,6 +111,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     rows = [
         ("rollouts", num(s["rollouts"])),
         ("calls", num(s["calls"])),
+        *_turn_rows(s),
         ("prompt tokens (full prompts)", num(s["prompt_tokens"])),
         ("generation tokens", num(s["generation_tokens"])),
         ("tokens stored (delta-encoded)", f"{num(s['stored_tokens'])}  ({stored_ratio:.1%} of prompt+generation)"),
@@ -153,6 +154,26 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(groups)
     if integrity is not None:
         _print_broken(integrity.get("broken_rollouts") or [], console)
+
+
+def _turn_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Inspect's multi-turn rows: calls per rollout, and the later calls' prompt tokens the splice
+    reused (absent from summaries saved before these fields existed)."""
+    rows: list[tuple[str, str]] = []
+    cpr = s.get("calls_per_rollout")
+    if cpr and cpr.get("mean") is not None:
+        hist = ", ".join(f"{c:,} × {n} call{'s' if n != '1' else ''}" for n, c in cpr["rollouts_by_calls"].items())
+        rows.append(("calls per rollout", f"{cpr['mean']:.2f} mean ({hist})"))
+    sp = s.get("splice")
+    if sp and sp["later_calls"]:
+        rows += [("splice: prompt tokens reused",
+                  f"{sp['reused_tokens']:,} of {sp['later_prompt_tokens']:,} ({sp['reused_share']:.1%}) "
+                  "in later calls"),
+                 ("  sampled tokens among them", f"{sp['reused_generation_tokens']:,} (the previous turn's)"),
+                 ("  whole previous context kept", f"{sp['whole_context_calls']:,} of {sp['later_calls']:,} calls")]
+    elif sp is not None:
+        rows.append(("splice: prompt tokens reused", "- (no rollout has a second call)"))
+    return rows
 
 
 def print_check(report: dict[str, Any], console: Console, *, warnings_to: Console | None = None) -> None:
@@ -316,8 +337,54 @@ def _coloured_chart(chart_id: str, title: str, bars: list[tuple[str, float, str]
     return bar_chart(chart_id, title, bars, colour=DELTA_COLOURS, y_label=y_label)
 
 
+def _turn_marks(gen: Sequence[bool], calls: Sequence[int | None]) -> tuple[dict[int, str], dict[int, int | None]]:
+    """Where a multi-call rollout's turns change, as dividers to insert before a token index
+    (``len(gen)``: after the last token), and the call each env-text run leads into.
+
+    A run of generated tokens is one call's generation (split where the call index changes); a
+    prompt run after a generation is what the environment and the chat template added before the
+    next call: text, not sampled. Call indices of prompt tokens are not used (a replay report
+    gives them as -1).
+    """
+    marks: dict[int, str] = {}
+    env_run: dict[int, int | None] = {}  # first index of an env-text run -> the call it prompts
+    n = len(gen)
+    i, prev_call = 0, None
+    while i < n:
+        j = i + 1
+        if gen[i]:
+            while j < n and gen[j] and calls[j] == calls[i]:
+                j += 1
+            if prev_call is not None and i in marks:  # directly after another call's generation
+                marks[i] = f"▲ end of call {prev_call} · ▼ call {calls[i]}: generation (sampled)"
+            else:
+                marks[i] = f"▼ call {calls[i]}: generation (sampled)"
+            marks[j] = f"▲ end of call {calls[i]}"
+            prev_call = calls[i]
+        else:
+            while j < n and not gen[j]:
+                j += 1
+            if prev_call is None:
+                marks[i] = f"prompt of call {calls[j]}" if j < n else "prompt"
+            else:
+                nxt = calls[j] if j < n else None
+                env_run[i] = nxt
+                into = f"prompt of call {nxt}" if nxt is not None else "no call followed"
+                marks[i] = f"▲ end of call {prev_call} · environment + chat template text ({into}; not sampled)"
+        i = j
+    return marks, env_run
+
+
+def _generated_calls(segments: Sequence[dict[str, Any]]) -> int:
+    """How many calls' generations a rollout's token detail holds."""
+    return len({c for seg in segments for c, g in zip(seg.get("call_index") or [], seg.get("generated") or []) if g})
+
+
 def _token_view(segments: Sequence[dict[str, Any]]) -> str:
-    """Every token of a rollout, coloured by |Δlogprob|; long prompt runs are folded."""
+    """Every token of a rollout, coloured by |Δlogprob|; long prompt runs are folded. A rollout of
+    several calls gets its turn boundaries marked: where each call's generation starts and ends,
+    and where the environment's text (the next call's prompt suffix) begins."""
+    multi = _generated_calls(segments) > 1
     blocks = []
     for si, seg in enumerate(segments):
         pieces = seg.get("pieces") or []
@@ -337,14 +404,26 @@ def _token_view(segments: Sequence[dict[str, Any]]) -> str:
                     lo, hi = a + _PROMPT_HEAD, b - _PROMPT_TAIL
                     keep[lo:hi] = False
                     folds[int(lo)] = int(hi - lo)
+        marks, env_runs = _turn_marks(gen, calls) if multi else ({}, {})
         out = []
+        env_for: int | None = None
+        in_env = False
         for i, piece in enumerate(pieces):
+            if i in marks:
+                out.append(f'<span class="turn">{esc(marks[i])}</span>')
+            if i in env_runs:
+                in_env, env_for = True, env_runs[i]
+            elif gen[i]:
+                in_env = False
             if not keep[i]:
                 if i in folds:
                     out.append(f'<span class="p dim">\n⋯ {folds[i]:,} prompt tokens not shown ⋯\n</span>')
                 continue
             if not gen[i]:
-                out.append(token_html(piece, "p", f"prompt {piece!r}"))
+                if in_env:
+                    out.append(token_html(piece, "e", f"environment/template text, prompt of call {env_for} {piece!r}"))
+                else:
+                    out.append(token_html(piece, "p", f"prompt {piece!r}"))
                 continue
             d = delta[i]
             title = f"{piece!r}  Δ {'-' if d is None else format(d, '+.4g')}"
@@ -352,6 +431,8 @@ def _token_view(segments: Sequence[dict[str, Any]]) -> str:
                 title += f"  recorded {rec[i]:.4f}  replayed {rep[i]:.4f}"
             title += f"  call {calls[i]}"
             out.append(token_html(piece, cls[i], title))
+        if len(pieces) in marks:
+            out.append(f'<span class="turn">{esc(marks[len(pieces)])}</span>')
         label = f'<div class="caption">segment {si}</div>' if len(segments) > 1 else ""
         blocks.append(f'{label}<div class="tokens">{"".join(out)}</div>')
     return "".join(blocks)
@@ -438,11 +519,18 @@ def replay_html(report: dict[str, Any]) -> str:
 
     if details:
         body.append(f"<h2>Token detail: the {len(details)} worst rollouts</h2>")
-        body.append(legend())
-        body.append('<p class="caption">Hover a token for its values. Grey: prompt tokens (not scored).</p>')
+        n_calls = [_generated_calls(x.get("segments") or []) for x in details]
+        multi_call = any(n > 1 for n in n_calls)
+        body.append(legend(turns=multi_call))
+        body.append('<p class="caption">Hover a token for its values. Grey: prompt tokens (not scored).'
+                    + (" Blue dividers mark the turns of a multi-call rollout; blue tokens are the text the "
+                       "environment and the chat template added between calls (not sampled, not scored)."
+                       if multi_call else "") + "</p>")
         for i, x in enumerate(details):
             open_ = " open" if i == 0 else ""
-            body.append(f'<details{open_} id="detail-{i}"><summary>{esc(x.get("rollout_id"))} · max |Δlogprob| '
+            calls = f" · {n_calls[i]} calls" if n_calls[i] > 1 else ""
+            body.append(f'<details{open_} id="detail-{i}"><summary>{esc(x.get("rollout_id"))}{calls} · '
+                        'max |Δlogprob| '
                         f'{esc(fmt(x.get("max_abs_dlogprob")))}</summary>{_token_view(x.get("segments") or [])}'
                         "</details>")
     return page(f"gymtape replay {r.get('tape')}", "".join(body))

@@ -26,7 +26,8 @@ def _fields(*configs: type) -> set[str]:
 #: (command, configs, flag -> field where the names differ, fields deliberately without a flag,
 #:  flags that are no field), each exception with its reason.
 CASES = [
-    ("train", (TrainConfig,), {}, {}, {}),
+    ("train", (TrainConfig,), {}, {}, {"ab": "runs TrainConfig twice (both arms of the A/B)",
+                                         "ab_report": "where --ab writes its report"}),
     ("serve", (ServeConfig,), {"vllm_arg": "vllm_args"}, {},
      {"config": "a file of ServeConfig fields that the other flags override"}),
     ("record", (RecordConfig, EnvConfig), {"env": "builtin", "task_index": "task_indices"},

@@ -23,6 +23,7 @@ from ._filters import TapeFilters
 from ._follower import FollowerBatch, FollowerStats, FollowerTimeout, TapeFollower
 from ._microbatch import MicroBatch, micro_batches
 from ._sequences import SEQUENCE_SCHEMA, build_sequences
+from ._retemplated import RetemplatedStats, retemplated_sequences
 
 __all__: list[str] = [
     "SEQUENCE_SCHEMA", "FollowerBatch", "FollowerStats", "FollowerTimeout", "MicroBatch", "ResumeStateError",
@@ -33,4 +34,5 @@ __all__: list[str] = [
     "mismatch_metrics", "policy_loss", "sequence_index", "truncated_is_weights",
     "BridgeValueError", "DEFAULT_IS_BOUNDS", "MISMATCH_METRIC_NAMES", "UnsupportedModelError",
     "grouped_mismatch_metrics", "token_mismatch_metrics",
-    "TrainConfig", "TrainError", "TrainReport", "plot_curve", "train"]
+    "TrainConfig", "TrainError", "TrainReport", "plot_curve", "train",
+    "RetemplatedStats", "retemplated_sequences"]

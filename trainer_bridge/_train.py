@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow.compute as pc
 
 from recorder import GymtapeError, ServeConfig, ServeProcess
 
@@ -117,10 +118,18 @@ class TrainConfig:
     server_timeout: float = 300.0
     #: Write curve.png at the end.
     plot: bool = True
+    #: The "without the correction" arm of ``gymtape train --ab``: the server re-templates every
+    #: prompt from text (``ServeConfig.retemplate``) and the trainer trains on the sequences a
+    #: re-templating trainer builds (:func:`~trainer_bridge.retemplated_sequences`).
+    retemplate: bool = False
+    #: Chat template of the sampling server: a Jinja file, or the name of a bundled one
+    #: (``datasets/chat_templates/``, e.g. ``qwen3_nothink.jinja``); None: the model's own.
+    chat_template: str | None = None
 
     def validate(self) -> None:
         from recorder import BUILTIN_ENVS
 
+        _template_file(self.chat_template)
         if self.env not in BUILTIN_ENVS:
             raise TrainError(f"no built-in environment {self.env!r}; built-in: {', '.join(BUILTIN_ENVS)}")
         num_tasks = _count_tasks(BUILTIN_ENVS[self.env].tasks_path("train"))
@@ -188,7 +197,21 @@ class TrainReport:
 def _serve_config(cfg: TrainConfig, model_dir: str, tape: Path) -> ServeConfig:
     """The sampling server's settings: the hf engine on the initial checkpoint, recording to ``tape``."""
     return ServeConfig(engine="hf", model=model_dir, tape=tape, port=cfg.port, dtype=cfg.serve_dtype,
-                       max_batch_size=max(16, min(cfg.concurrency, 64)))  # answered calls are on the tape at once
+                       max_batch_size=max(16, min(cfg.concurrency, 64)), retemplate=cfg.retemplate,
+                       chat_template=_template_file(cfg.chat_template))
+
+
+def _template_file(name: str | None) -> str | None:
+    """A chat template file's path: the given one, else the bundled template of that name."""
+    from recorder import chat_template_path
+
+    if name is None or Path(name).is_file():
+        return name
+    bundled = chat_template_path(name)
+    if not bundled.is_file():
+        raise TrainError(f"chat template {name!r} is neither a file nor a bundled template (bundled: "
+                         f"{', '.join(sorted(p.name for p in bundled.parent.glob('*.jinja')))})")
+    return str(bundled)  # answered calls are on the tape at once
 
 
 # ----------------------------------------------------------------------------- collection
@@ -350,7 +373,14 @@ def _update(model: Any, optimizer: Any, batch: Any, cfg: TrainConfig) -> dict[st
     from ._logprobs import packed_token_logprobs
     from ._microbatch import micro_batches
 
+    from ._retemplated import retemplated_sequences
+
     table = batch.table
+    # rollouts the tape splits (a prompt that does not extend the previous call's context)
+    split_rollouts = int(pc.sum(pc.greater(table["segment"], 0)).as_py() or 0) if table.num_rows else 0
+    merged = None
+    if cfg.retemplate:
+        table, merged = retemplated_sequences(table)
     adv = table["advantage"].to_numpy(zero_copy_only=False)
     weights = table["weight"].to_numpy(zero_copy_only=False)
     rewards = table["reward"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -361,7 +391,10 @@ def _update(model: Any, optimizer: Any, batch: Any, cfg: TrainConfig) -> dict[st
         "calls_mean": float(np.mean(table["num_calls"].to_numpy())) if table.num_rows else None,
         "staleness_mean": float(staleness.mean()) if staleness.size else None,
         "staleness_max": int(staleness.max()) if staleness.size else None,
+        "split_sequences": split_rollouts,
     }
+    if merged is not None:
+        out.update(retemplated_tokens=merged.tokens_moved, offpolicy_tokens=merged.offpolicy_tokens)
     live = np.flatnonzero((adv != 0) & (weights > 0))
     out["sequences_trained"] = int(live.size)
     if live.size == 0:

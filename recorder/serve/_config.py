@@ -58,6 +58,10 @@ class ServeConfig:
     chat_template: str | None = None
     #: End-of-turn token the splice counts (default: the tokenizer's eos token).
     eos_token: str | None = None
+    #: Behave like a stock OpenAI server: ignore message-level token IDs and re-template every
+    #: prompt from the messages' text (no on-policy splice). Only for measuring what the splice
+    #: buys (``gymtape train --ab``); calls are still assigned to rollouts by those IDs.
+    retemplate: bool = False
     #: How tool calls are parsed from generated text.
     tool_parser: str = "hermes"
     #: Split ``<think>…</think>`` into ``reasoning_content``.

@@ -31,8 +31,11 @@ class Prompt:
 class PromptBuilder:
     """Renders messages with a tokenizer's chat template and applies the on-policy splice."""
 
-    def __init__(self, tokenizer: Any, *, chat_template: str | Path | None = None, eos_token: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, *, chat_template: str | Path | None = None, eos_token: str | None = None,
+                 retemplate: bool = False) -> None:
         self.tokenizer = tokenizer
+        #: Stock-server mode: the prompt is always the re-templated text (see ServeConfig.retemplate).
+        self.retemplate = retemplate
         if chat_template is not None:
             p = Path(chat_template)
             tokenizer.chat_template = p.read_text() if p.exists() else str(chat_template)
@@ -122,6 +125,8 @@ class PromptBuilder:
         if anchor_at is None:
             return Prompt(full, None, stored)
         m = messages[anchor_at]
+        if self.retemplate:  # what a stock server samples from; the IDs still name the rollout
+            return Prompt(full, (list(m["prompt_token_ids"]), list(m["generation_token_ids"])), stored)
         prefix = self.render(tmsgs[: anchor_at + 1], tools, add_generation_prompt=False, kwargs=kwargs)
         model_prefix = list(m["prompt_token_ids"]) + list(m["generation_token_ids"])
         try:

@@ -366,7 +366,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 await proc.wait_ready()
             await engine.start()
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-            builder = PromptBuilder(tokenizer, chat_template=config.chat_template, eos_token=config.eos_token)
+            builder = PromptBuilder(tokenizer, chat_template=config.chat_template, eos_token=config.eos_token,
+                                    retemplate=config.retemplate)
             ident = tokenizer_identity(tok_dir) if Path(tok_dir).is_dir() else None
             log = CallLog(config.tape, tokenizer=ident, flush_seconds=config.flush_seconds)
             if log.writer is not None:

@@ -22,6 +22,7 @@ def summarize(tape: Tape, *, jsonl_size: Callable[[Tape], int] | None = None,
     ``integrity`` counts rollout rows whose calls are missing, incomplete ones, and rows a
     retry superseded (:func:`~recorder.rollout_integrity`), and names the broken ones (the
     first ``max_broken``).
+    ``calls_per_rollout`` and ``splice`` show multi-turn rollouts (:func:`_turns`).
     ``jsonl_size`` sizes the same rollouts in another format (``recorder.gym_jsonl_size``: Gym
     rollout JSONL); the summary then holds ``gym_jsonl_bytes`` and ``compression_ratio``.
     """
@@ -103,8 +104,51 @@ def _summarize(tape: Tape, jsonl_size: Callable[[Tape], int] | None, max_groups:
         "temp_files": tape.temp_files(),
         "integrity": {**integrity.counts(), "broken_rollouts": broken_rollouts(rows, integrity, max_broken)},
     }
+    out.update(_turns(calls))
     if jsonl_size is not None:
         total = jsonl_size(tape)
         out["gym_jsonl_bytes"] = total
         out["compression_ratio"] = total / tape_bytes if tape_bytes else None
     return out
+
+
+def _turns(calls: pl.LazyFrame) -> dict[str, Any]:
+    """How many calls the rollouts hold, and how much of the later calls' prompts the splice reused.
+
+    A call after the first keeps ``prefix_len`` tokens of the previous call's context (its prompt
+    followed by its generation) exactly as they were: behind ``gymtape serve`` these are the tokens
+    the server took from the model's own earlier prompt and generation instead of re-templating the
+    history from text. ``reused_share`` is their share of the later calls' prompt tokens (the rest is
+    what the environment and the chat template added since); ``reused_generation_tokens`` counts the
+    previous turn's sampled tokens among them, and ``whole_context_calls`` the later calls that kept
+    the whole previous context (fewer: the history was rewritten, or re-templated differently).
+    """
+    per_rollout = calls.group_by("rollout_id").agg(pl.len().alias("n")).collect()["n"]
+    hist = per_rollout.value_counts().sort("n").rows()
+    ordered = calls.select(
+        "rollout_id", "call_index", pl.col("prefix_len").cast(pl.Int64), pl.col("prompt_len").cast(pl.Int64),
+        pl.col("generation_ids").list.len().cast(pl.Int64).alias("gen_len"),
+    ).sort("rollout_id", "call_index")
+    later = ordered.with_columns(
+        pl.col("prompt_len").shift(1).over("rollout_id").alias("prev_prompt"),
+        (pl.col("prompt_len") + pl.col("gen_len")).shift(1).over("rollout_id").alias("prev_context"),
+    ).filter(pl.col("call_index") > 0)
+    s = later.select(
+        pl.len().alias("later_calls"),
+        pl.col("prompt_len").sum().alias("later_prompt_tokens"),
+        pl.col("prefix_len").sum().alias("reused_tokens"),
+        (pl.col("prefix_len") - pl.col("prev_prompt")).clip(lower_bound=0).sum().alias("reused_generation_tokens"),
+        (pl.col("prefix_len") == pl.col("prev_context")).sum().alias("whole_context_calls"),
+    ).collect().row(0, named=True)
+    splice = {k: int(v or 0) for k, v in s.items()}
+    total = splice["later_prompt_tokens"]
+    splice["reused_share"] = splice["reused_tokens"] / total if total else None
+    return {
+        "calls_per_rollout": {
+            "mean": float(per_rollout.mean()) if len(per_rollout) else None,  # type: ignore[arg-type]
+            "min": int(per_rollout.min()) if len(per_rollout) else None,  # type: ignore[arg-type]
+            "max": int(per_rollout.max()) if len(per_rollout) else None,  # type: ignore[arg-type]
+            "rollouts_by_calls": {str(n): int(c) for n, c in hist},
+        },
+        "splice": splice,
+    }

@@ -399,3 +399,29 @@ def test_splice_is_identity_when_model_output_retemplates_identically(tok: Tok, 
             f"case {case}: the model's output re-templates identically, yet the splice changed the prompt; "
             f"messages={messages!r}"
         )
+
+
+def test_retemplate_mode_renders_from_text_like_a_stock_server_but_keeps_the_rollout_anchor(smol: Tok) -> None:
+    """`gymtape serve --retemplate` (the A/B's stock arm): the same request, with the model's own
+    token split of turn 1 in its token fields, is spliced by default and re-templated from text
+    with the switch; both name the same anchor, so the call still joins its rollout."""
+    from recorder.serve._prompting import PromptBuilder
+
+    hf = smol.hf
+    user = {"role": "user", "content": "What is 4 plus 9?"}
+    p0 = hf.encode(hf.apply_chat_template([user], tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    # " \n\n13": a split the sampler can emit and re-encoding the text merges differently
+    gen = [hf.convert_tokens_to_ids("ĠĊĊ"), *hf.encode("13", add_special_tokens=False), smol.eos]
+    text = hf.decode(gen[:-1])
+    assert hf.encode(text, add_special_tokens=False) != gen[:-1]
+    messages = [user, {"role": "assistant", "content": text, "prompt_token_ids": p0, "generation_token_ids": gen,
+                       "generation_log_probs": [-0.5] * len(gen)},
+                {"role": "user", "content": "Now add 3 to that."}]
+    spliced = PromptBuilder(hf).build(messages, None)
+    stock = PromptBuilder(hf, retemplate=True).build(messages, None)
+    assert spliced.ids[: len(p0) + len(gen)] == p0 + gen
+    plain = [{k: v for k, v in m.items() if not k.endswith("_ids") and k != "generation_log_probs"} for m in messages]
+    assert stock.ids == hf.encode(hf.apply_chat_template(plain, tokenize=False, add_generation_prompt=True),
+                                  add_special_tokens=False)
+    assert stock.ids[: len(p0) + len(gen)] != p0 + gen
+    assert stock.anchor == spliced.anchor == (p0, gen)
