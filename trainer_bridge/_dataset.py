@@ -245,13 +245,17 @@ class TapeDataset(IterableDataset):
             return np.zeros(0, np.int64)
         n_groups = int(self._group.max()) + 1
         order = np.random.default_rng([self.seed, epoch]).permutation(n_groups) if self.shuffle else np.arange(n_groups)
-        group_tokens = np.bincount(self._group, weights=self._tokens, minlength=n_groups)
-        loads = [0.0] * slots
-        owner = np.empty(n_groups, dtype=np.int64)
-        for g in order.tolist():  # one step per group, never per token
-            s = loads.index(min(loads))
-            owner[g] = s
-            loads[s] += group_tokens[g] or 1.0
+        if slots == 1:  # one shard takes every group
+            owner = np.zeros(n_groups, dtype=np.int64)
+        else:
+            group_tokens = np.bincount(self._group, weights=self._tokens, minlength=n_groups).tolist()
+            loads = [0.0] * slots
+            owners = [0] * n_groups
+            for g in order.tolist():  # one step per group, never per token
+                s = loads.index(min(loads))
+                owners[g] = s
+                loads[s] += group_tokens[g] or 1.0
+            owner = np.asarray(owners, dtype=np.int64)
         position = np.empty(n_groups, dtype=np.int64)
         position[order] = np.arange(n_groups)
         mine = np.flatnonzero(owner[self._group] == slot)

@@ -58,14 +58,21 @@ def packed_bins(lengths: np.ndarray, token_budget: int, *, max_seqs: int | None 
     # is first fit over all bins, and the scan stays short.
     open_bins: list[int] = []
     room_np: np.ndarray | None = None  # the same rooms, for scans over many open bins
+    capped = max_seqs is not None
     for j, n in enumerate(sizes):
         b = -1
         if n <= token_budget:
             if len(open_bins) <= _PYTHON_SCAN_BINS:
-                for k in open_bins:
-                    if room[k] >= n and count[k] < limit:
-                        b = k
-                        break
+                if capped:
+                    for k in open_bins:
+                        if room[k] >= n and count[k] < limit:
+                            b = k
+                            break
+                else:  # no cap: the room alone decides (the loader's usual case, one test fewer per bin)
+                    for k in open_bins:
+                        if room[k] >= n:
+                            b = k
+                            break
             else:
                 if room_np is None:
                     room_np = np.zeros(len(sizes), dtype=np.int64)

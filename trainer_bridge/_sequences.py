@@ -154,7 +154,7 @@ class _Pieces:
         # Merge (both are sorted by segment): a segment's copy pieces go just before its own.
         at = np.searchsorted(self.seg, copies.seg, side="left")
         copy_to = at + np.arange(at.size)
-        own_to = np.arange(self.seg.size) + np.searchsorted(at, np.arange(self.seg.size), side="right")
+        own_to = np.arange(self.seg.size) + np.cumsum(np.bincount(at, minlength=self.seg.size + 1))[:self.seg.size]
         merged = {}
         for f in ("seg", "kind", "src", "len", "call"):
             mine, theirs = getattr(self, f), getattr(copies, f)
@@ -421,8 +421,12 @@ def _codes(col: pa.ChunkedArray, rollouts: pa.Table) -> tuple[np.ndarray, pa.Arr
         rank[sort] = np.arange(n)
         codes, ordered = rank[codes], dictionary.take(pa.array(sort))
     if rollouts.num_rows:
-        row = pc.index_in(ordered, value_set=rollouts["rollout_id"].combine_chunks())  # first occurrence
-        row_of_code = pc.fill_null(row, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        rids = rollouts["rollout_id"].combine_chunks()
+        if ordered.equals(rids):  # the rollouts are the calls' rollouts, in order (a loader's selection)
+            row_of_code = np.arange(n, dtype=np.int64)
+        else:
+            row = pc.index_in(ordered, value_set=rids)  # first occurrence
+            row_of_code = pc.fill_null(row, -1).to_numpy(zero_copy_only=False).astype(np.int64)
     else:
         row_of_code = np.full(len(ordered), -1, dtype=np.int64)
     return codes.astype(np.int64, copy=False), ordered, row_of_code
