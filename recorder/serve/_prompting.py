@@ -51,6 +51,28 @@ class PromptBuilder:
         #: for byte-level BPE, the longest added/special token included): a text of C characters
         #: is at least C / max_token_chars tokens, however it is tokenized.
         self.max_token_chars: int = max(map(len, tokenizer.get_vocab()), default=1) or 1
+        #: The Rust tokenizer behind a fast HF tokenizer (None: a slow one). Called directly on the
+        #: hot path when that is exactly what the HF wrapper would do (see :meth:`encode`, :meth:`decode`):
+        #: the wrapper's Python costs more than the tokenizing of a short prompt itself.
+        self._backend: Any = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) \
+            else None
+
+    def encode(self, text: str) -> list[int]:
+        """``tokenizer.encode(text, add_special_tokens=False)``: the backend's own encode when the
+        wrapper would only call it (no truncation, padding or special-token splitting configured)."""
+        b = self._backend
+        if (b is not None and b.truncation is None and b.padding is None
+                and b.encode_special_tokens == getattr(self.tokenizer, "split_special_tokens", False)):
+            return b.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        """``tokenizer.decode(ids, skip_special_tokens=False)``: the backend's own decode when the
+        wrapper would return it unchanged (no clean-up of tokenization spaces)."""
+        b = self._backend
+        if b is not None and not self.tokenizer.clean_up_tokenization_spaces:
+            return b.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def min_prompt_tokens(self, messages: list[dict[str, Any]]) -> tuple[int, int, int]:
         """A lower bound on the prompt's length, from lengths alone (no template, no tokenizer),
@@ -108,7 +130,7 @@ class PromptBuilder:
         if not isinstance(text, str):  # e.g. chat_template_kwargs {"return_dict": true}
             raise APIError(f"the chat template rendered {type(text).__name__}, not text: check chat_template_kwargs",
                            param="chat_template_kwargs")
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text)
 
     def build(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
               kwargs: dict[str, Any] | None = None, *, add_generation_prompt: bool = True) -> Prompt:

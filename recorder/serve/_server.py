@@ -22,10 +22,12 @@ import asyncio
 import functools
 import hmac
 import logging
+import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,10 +62,81 @@ log = logging.getLogger(__name__)
 PROMPT_THREADS = 2
 
 
+class PromptPool:
+    """The threads that parse, template and tokenize requests, off the event loop.
+
+    Why not ``loop.run_in_executor`` on a ThreadPoolExecutor: that chains a concurrent future
+    to an asyncio one through several callbacks and state copies on every call, a measurable
+    part of a request's CPU on the loop at concurrency 1. Here the caller queues the work with
+    its loop future, and the worker settles that future with one ``call_soon_threadsafe``.
+    A worker catches everything (the exception goes to the caller): it cannot die.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread; its result, or its exception raised here."""
+        if self._closed:
+            raise RuntimeError("the prompt pool is shut down")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._queue.put((fn, args, done, loop))
+        return await done
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args, done, loop = item
+            if self._closed:  # shut down: what is still queued is cancelled, not run
+                _settle_threadsafe(loop, _cancel, done)
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+                _settle_threadsafe(loop, _set_exception, done, e)
+            else:
+                _settle_threadsafe(loop, _set_result, done, result)
+
+    def shutdown(self) -> None:
+        """Stop the workers once they finish what they run now; queued work is cancelled."""
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+def _settle_threadsafe(loop: asyncio.AbstractEventLoop, settle: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(settle, *args)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _set_result(done: asyncio.Future[Any], result: Any) -> None:
+    if not done.done():
+        done.set_result(result)
+
+
+def _set_exception(done: asyncio.Future[Any], error: BaseException) -> None:
+    if not done.done():
+        done.set_exception(error)
+
+
+def _cancel(done: asyncio.Future[Any]) -> None:
+    done.cancel()
+
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(content=orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+@functools.lru_cache(maxsize=64)  # clients send the same one or two spellings on every request
 def _is_json(content_type: str | None) -> bool:
     """``application/json``, with at most a UTF-8 charset (JSON is UTF-8: RFC 8259)."""
     if not content_type:
@@ -76,10 +149,15 @@ def _is_json(content_type: str | None) -> bool:
 
 def check_key(config: ServeConfig, request: Request) -> None:
     """401 unless the request carries the api_key (when one is set)."""
+    if config.api_key:
+        check_authorization(config, request.headers.get("authorization", ""))
+
+
+def check_authorization(config: ServeConfig, got: str) -> None:
+    """401 unless ``got`` (the Authorization header) carries the api_key (when one is set)."""
     key = config.api_key
     if not key:
         return
-    got = request.headers.get("authorization", "")
     if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
         raise APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
                        type="authentication_error", code="invalid_api_key")
@@ -89,7 +167,7 @@ class GymtapeServer:
     """State shared by the endpoints: engine, prompt builder, call log, policy version."""
 
     def __init__(self, config: ServeConfig, engine: Engine, builder: PromptBuilder, log: CallLog,
-                 pool: ThreadPoolExecutor, load: InFlight | None = None) -> None:
+                 pool: PromptPool, load: InFlight | None = None) -> None:
         self.config = config
         self.engine = engine
         self.builder = builder
@@ -109,19 +187,23 @@ class GymtapeServer:
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU work that grows with the request (parse, template, tokenize) in the prompt pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        return await self.pool.run(fn, *args)
 
     async def json_body(self, request: Request) -> bytes:
         """The raw body of a JSON request: auth first, then its Content-Type (415), then the bytes.
 
         Only ``application/json`` is read: a browser can send ``text/plain`` cross-site without a
         CORS preflight, so a body of any other type is refused unread."""
-        self.check_auth(request)
-        content_type = request.headers.get("content-type")
+        headers = request.headers
+        self.check_json_post(headers.get("authorization", ""), headers.get("content-type"))
+        return await request.body()
+
+    def check_json_post(self, authorization: str, content_type: str | None) -> None:
+        """Auth (401), then the Content-Type (415) of a JSON POST: see :meth:`json_body`."""
+        check_authorization(self.config, authorization)
         if not _is_json(content_type):
             raise APIError(f"Content-Type must be application/json, got {content_type!r}", status=415,
                            code="unsupported_media_type")
-        return await request.body()
 
     def max_tokens_for(self, req: ChatRequest, prompt_len: int) -> int:
         limit = self.engine.max_model_len
@@ -142,9 +224,13 @@ class GymtapeServer:
         return req, prompt, self.max_tokens_for(req, len(prompt.ids))
 
     async def chat(self, request: Request) -> Response:
+        return _json(await self.answer_chat(await self.json_body(request)))
+
+    async def answer_chat(self, raw: bytes) -> dict[str, Any]:
+        """The answer to a chat request's (raw JSON) body, once the call is on the tape."""
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
-        req, prompt, max_tokens = await self.off_loop(self.prepare_chat, await self.json_body(request))
+        req, prompt, max_tokens = await self.off_loop(self.prepare_chat, raw)
         if prompt.anchor is None:  # a new rollout: nothing to look up or claim
             gen = await self.engine.generate(prompt.ids, req.sampling(max_tokens, self.stop_ids))
             rollout_id, call_index = self.log.assign(None)
@@ -201,14 +287,14 @@ class GymtapeServer:
                            "(GET /health shows the recorder's state).", status=503, type="service_unavailable",
                            code="recording_failed") from None
         self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, version)
-        return _json(body)
+        return body
 
     def _token_text(self, token_id: int, as_ids: bool) -> str:
-        return f"token_id:{token_id}" if as_ids else self.tokenizer.decode([token_id])
+        return f"token_id:{token_id}" if as_ids else self.builder.decode([token_id])
 
     def _message(self, token_ids: list[int], finish: str) -> tuple[dict[str, Any], str]:
         ids = token_ids[:-1] if finish == "stop" and token_ids and token_ids[-1] in self.stop_ids else token_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        text = self.builder.decode(ids)
         message: dict[str, Any] = {"role": "assistant"}
         if self.config.reasoning:
             reasoning, text = split_reasoning(text)
@@ -305,6 +391,82 @@ class GymtapeServer:
         return _json({"policy_version": self.policy_version, "loaded": path})
 
 
+#: The hot route, answered by :class:`ChatRoute` without the framework's per-request work.
+CHAT_PATH = "/v1/chat/completions"
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole request body from ASGI ``receive``, as Starlette's ``Request.body()`` reads it
+    (:class:`ClientDisconnect` when the client goes away first)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+
+
+class ChatRoute:
+    """``POST /v1/chat/completions`` answered straight from ASGI: the app's innermost middleware.
+
+    Why: at concurrency 1 every bit of CPU on the event loop is added latency, and FastAPI's
+    per-request work for a route (request object, dependency solving, a Response object,
+    telemetry hooks, routing) cost about as much CPU as the whole chat handler. This answers the
+    hot route itself, with the same checks (key, then Content-Type), the same body reading and
+    the same JSON answer; its errors go to the app's own exception handlers, exactly as the
+    framework would pick them (a bug's is re-raised to the framework's last-resort 500). Every
+    other request, and the chat route before the lifespan has started the server, goes to the
+    app. The FastAPI route stays registered: it documents the endpoint in ``/openapi.json``.
+    """
+
+    def __init__(self, app: Any, *, state: dict[str, GymtapeServer], handlers: dict[Any, Any]) -> None:
+        self.app = app
+        self.state = state
+        #: The app's exception handlers (the dict itself: handlers registered later are seen).
+        self.handlers = handlers
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        server = self.state.get("s")
+        if (server is None or scope["type"] != "http" or scope["path"] != CHAT_PATH or scope["method"] != "POST"
+                or scope.get("root_path")):
+            await self.app(scope, receive, send)
+            return
+        try:
+            authorization, content_type = None, None
+            for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
+                if name == b"authorization" and authorization is None:
+                    authorization = value.decode("latin-1")
+                elif name == b"content-type" and content_type is None:
+                    content_type = value.decode("latin-1")
+            server.check_json_post(authorization or "", content_type)
+            answer = await server.answer_chat(await read_body(receive))
+        except Exception as exc:
+            handler = self._handler(exc)
+            if handler is None:
+                raise
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
+            return
+        content = orjson.dumps(answer)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(len(content)).encode()), (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": content})
+
+    def _handler(self, exc: Exception) -> Any:
+        """The handler Starlette's ExceptionMiddleware would pick (the nearest class in the
+        exception's MRO); None for the last-resort one (``Exception``), which sits outermost."""
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                return None
+            handler = self.handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None
+
+
 def build_engine(config: ServeConfig) -> tuple[Engine, str, Any]:
     """The engine, the tokenizer directory, and a supervised vLLM process (or None)."""
     from .engines._models import default_model_dir
@@ -348,6 +510,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _telemetry_off() -> dict[str, Any]:
+    """FastAPI's native OpenTelemetry (FastAPI >= 0.16x) asks the global providers whether it is
+    on, on every request: off, unless the environment configures OpenTelemetry (``OTEL_*``) or
+    asks FastAPI to (``FASTAPI_OTEL_AUTO_CONFIGURE``)."""
+    import inspect
+
+    if any(k.startswith("OTEL_") for k in os.environ) or os.environ.get("FASTAPI_OTEL_AUTO_CONFIGURE"):
+        return {}
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     """The FastAPI app; engine, tokenizer and tape writer start in its lifespan."""
     state: dict[str, GymtapeServer] = {}
@@ -359,7 +534,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         engine, tok_dir, proc = build_engine(config)
         log = None
-        pool = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="gymtape-prompt")
+        pool = PromptPool(PROMPT_THREADS, "gymtape-prompt")
         try:
             if proc is not None:
                 proc.start()
@@ -379,7 +554,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             state["s"] = GymtapeServer(config, engine, builder, log, pool, load)
             yield
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
             if log is not None:
                 log.close()
             await engine.aclose()
@@ -388,7 +563,9 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     # The framework's own /docs, /redoc and /openapi.json answer without the key: off, and
     # served below (behind the key) only with --openapi.
-    app = FastAPI(title="gymtape serve", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(title="gymtape serve", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
+                  **_telemetry_off())
+    app.add_middleware(ChatRoute, state=state, handlers=app.exception_handlers)  # innermost: added first
     if config.allow_origin:  # answer allowed browser origins' preflights, let them read the answers
         from fastapi.middleware.cors import CORSMiddleware
 
