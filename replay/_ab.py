@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer_bridge import TrainConfig, TrainReport, train
+from trainer_bridge import TrainConfig, TrainReport, plot_validation_curves, train
 
 from ._check import check_tape
 
@@ -101,42 +101,11 @@ def run_ab(cfg: TrainConfig, report_path: Path, *, log: Callable[[str], None] | 
     report_path = Path(report_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     plot_path = report_path.with_suffix(".png")
-    plot_ab(arms, plot_path, title=f"on-policy A/B: {cfg.env}, seed {cfg.seed}")
+    plot_validation_curves({n: a.train.rows for n, a in arms.items()}, plot_path,
+                           title=f"on-policy A/B: {cfg.env}, seed {cfg.seed}")
     ab = ABReport(cfg, arms, report_path, plot_path, time.perf_counter() - t0)
     report_path.write_text(render_ab_markdown(ab))
     return ab
-
-
-def plot_ab(arms: dict[str, ArmResult], path: Path, *, title: str) -> Path:
-    """Validation reward of both arms (top) and the trainer-side k3 per step (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"splice": "tab:blue", "retemplate": "tab:red"}
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    for name, arm in arms.items():
-        val = arm.summary["val"]
-        ax1.plot([s for s, _ in val], [v for _, v in val], "o-", color=colors.get(name), lw=2,
-                 label=f"{name}: validation reward (greedy, held-out)")
-        k3 = [(r["step"], r["kl_k3"]) for r in arm.train.rows if r.get("kl_k3") is not None]
-        if k3:
-            ax2.semilogy([s for s, _ in k3], [max(v, 1e-12) for _, v in k3], color=colors.get(name), lw=1,
-                         label=f"{name}: k3 KL(sampler‖trainer)")
-    ax1.set_ylabel("reward")
-    ax1.set_ylim(-0.02, 1.02)
-    ax1.grid(alpha=0.3)
-    ax1.legend(loc="lower right", fontsize=8)
-    ax1.set_title(title)
-    ax2.set_ylabel("k3 (log)")
-    ax2.set_xlabel("step")
-    ax2.grid(alpha=0.3)
-    ax2.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _f(v: Any, spec: str = ".3f") -> str:

@@ -73,3 +73,22 @@ def start_vllm(model_dir: Path, tmp: Path, *, served_name: str = "smol", max_mod
             "--max-num-batched-tokens", "32768", "--enforce-eager"]  # eager: ready in ~40 s instead of ~3 min of compiling
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     return start(args, tmp / "vllm.log", port, env=env, timeout=900)
+
+
+def record_greedy_followup(tmp: Path, model_dir: Path, tape: Path, *, concurrency: int = 3) -> None:
+    """Record three greedy `followup` rollouts through a real `gymtape serve` (hf engine, one torch
+    thread: a 2-thread server oversubscribes a 2-core machine). These validation tasks get a
+    short first answer, so each rollout reaches its second call."""
+    from recorder import builtin_env
+    from recorder.collect._collector import EnvConfig, RecordConfig, record
+
+    server = start_gymtape_serve(tmp, "--engine", "hf", "--model", str(model_dir), "--tape", str(tape),
+                                 env={"OMP_NUM_THREADS": "1"})
+    try:
+        env = EnvConfig(name="followup", builtin="followup", model_url=f"{server.url}/v1", task_indices=[0, 1, 2],
+                        tasks=builtin_env("followup").tasks_path("validation"),
+                        sampling={"temperature": 0.0, "max_tokens": 32})
+        report = record(RecordConfig(tape=tape, envs=[env], concurrency=concurrency))
+    finally:
+        server.stop()
+    assert report.done == 3 and report.failed == 0 and report.joined == 3

@@ -14,7 +14,7 @@ from ._losses import (
     CORRECTIONS, ISCorrection, correction_weights, geometric_mask, logprobs_from_logits, masked_is_weights,
     mismatch_metrics, policy_loss, sequence_index, truncated_is_weights,
 )
-from ._train import TrainConfig, TrainError, TrainReport, plot_curve, train
+from ._train import TrainConfig, TrainError, TrainReport, plot_curve, plot_validation_curves, train
 from ._packing import PackedBatch, pack, plan_bins
 from ._advantages import group_advantages
 from ._dataset import ResumeStateError, TapeDataset, TapeLoader
@@ -34,5 +34,5 @@ __all__: list[str] = [
     "mismatch_metrics", "policy_loss", "sequence_index", "truncated_is_weights",
     "BridgeValueError", "DEFAULT_IS_BOUNDS", "MISMATCH_METRIC_NAMES", "UnsupportedModelError",
     "grouped_mismatch_metrics", "token_mismatch_metrics",
-    "TrainConfig", "TrainError", "TrainReport", "plot_curve", "train",
+    "TrainConfig", "TrainError", "TrainReport", "plot_curve", "plot_validation_curves", "train",
     "RetemplatedStats", "retemplated_sequences"]

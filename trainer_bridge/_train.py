@@ -603,11 +603,7 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, *, title: str = "gymtape 
     if sampled:
         ax1.plot([s for s, _ in sampled], [v for _, v in sampled], "s--", color="tab:orange", lw=2,
                  label="validation reward (sampled at the training temperature, held-out)")
-    ax1.set_ylabel("reward")
-    ax1.set_ylim(-0.02, 1.02)
-    ax1.grid(alpha=0.3)
-    ax1.legend(loc="lower right", fontsize=8)
-    ax1.set_title(title)
+    _reward_axes(ax1, title)
     k3 = [(r["step"], r["kl_k3"]) for r in rows if r.get("kl_k3") is not None]
     if k3:
         ax2.semilogy([s for s, _ in k3], [max(v, 1e-12) for _, v in k3], color="tab:purple", lw=1,
@@ -620,6 +616,44 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, *, title: str = "gymtape 
         ax3.set_ylabel("staleness (versions)")
         ax3.set_ylim(-0.1, max(1.0, max(v for _, v in st)) + 0.5)
         ax3.legend(loc="upper right", fontsize=8)
+    return _save(fig, ax2, path)
+
+
+def plot_validation_curves(runs: dict[str, list[dict[str, Any]]], path: Path, *, title: str) -> Path:
+    """Several runs' validation reward (top) and trainer-side k3 per step (bottom), one colour
+    per run, e.g. the two arms of ``gymtape train --ab``; ``runs`` maps a name to metrics rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = ("tab:blue", "tab:red", "tab:green", "tab:orange")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    for i, (name, rows) in enumerate(runs.items()):
+        val = [(r["step"], r["val_reward"]) for r in rows if r.get("val_reward") is not None]
+        ax1.plot([s for s, _ in val], [v for _, v in val], "o-", color=colors[i % 4], lw=2,
+                 label=f"{name}: validation reward (greedy, held-out)")
+        k3 = [(r["step"], r["kl_k3"]) for r in rows if r.get("kl_k3") is not None]
+        if k3:
+            ax2.semilogy([s for s, _ in k3], [max(v, 1e-12) for _, v in k3], color=colors[i % 4], lw=1,
+                         label=f"{name}: k3 KL(sampler‖trainer)")
+    _reward_axes(ax1, title)
+    ax2.set_ylabel("k3 (log)")
+    return _save(fig, ax2, path)
+
+
+def _reward_axes(ax: Any, title: str) -> None:
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title)
+
+
+def _save(fig: Any, ax2: Any, path: Path) -> Path:
+    """The lower (per-step) axes' labels, then the PNG."""
+    import matplotlib.pyplot as plt
+
     ax2.set_xlabel("step")
     ax2.grid(alpha=0.3)
     ax2.legend(loc="upper left", fontsize=8)

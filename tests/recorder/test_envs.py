@@ -119,21 +119,11 @@ def test_followup_rollouts_through_gymtape_serve_splice_the_first_turn_into_the_
     message item, and the second call's prompt is the first call's prompt + generation (the
     splice), followed by the follow-up turn; `check` finds nothing to report."""
     from recorder import Tape, iter_gym_lines
-    from recorder.collect._collector import EnvConfig, RecordConfig, record
     from replay import check_tape
-    from tests.servers import start_gymtape_serve
+    from tests.servers import record_greedy_followup
 
     tape = tmp_path / "tape"
-    server = start_gymtape_serve(tmp_path, "--engine", "hf", "--model", str(model_dir), "--tape", str(tape))
-    try:
-        # greedy: these three validation tasks get a short first answer, so each reaches turn 2
-        env = EnvConfig(name="followup", builtin="followup", model_url=f"{server.url}/v1", task_indices=[0, 1, 2],
-                        tasks=builtin_env("followup").tasks_path("validation"),
-                        sampling={"temperature": 0.0, "max_tokens": 32})
-        report = record(RecordConfig(tape=tape, envs=[env], concurrency=1))
-    finally:
-        server.stop()
-    assert report.done == 3 and report.failed == 0 and report.joined == 3
+    record_greedy_followup(tmp_path, model_dir, tape, concurrency=1)
 
     t = Tape(tape)
     tasks = _followup_tasks("validation")

@@ -20,7 +20,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from cli import app
-from recorder import Tape, builtin_env, gym_jsonl_size, summarize
+from recorder import Tape, gym_jsonl_size, summarize
 from replay import print_summary, write_replay_html
 from replay._render import _token_view
 from tests.replay.test_html import assert_self_contained
@@ -32,22 +32,11 @@ from tests.replay.test_html import assert_self_contained
 def followup_tape(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three `followup` rollouts recorded through `gymtape serve`; greedy, these validation
     tasks get a short first answer, so each reaches its second call (as in tests/recorder/test_envs.py)."""
-    from recorder.collect._collector import EnvConfig, RecordConfig, record
-    from tests.servers import start_gymtape_serve
+    from tests.servers import record_greedy_followup
 
     tmp = tmp_path_factory.mktemp("followup")
     tape = tmp / "tape"
-    # one torch thread: on the shared 2-core machine a 2-thread server is oversubscribed (much slower)
-    server = start_gymtape_serve(tmp, "--engine", "hf", "--model", str(model_dir), "--tape", str(tape),
-                                 env={"OMP_NUM_THREADS": "1"})
-    try:
-        env = EnvConfig(name="followup", builtin="followup", model_url=f"{server.url}/v1", task_indices=[0, 1, 2],
-                        tasks=builtin_env("followup").tasks_path("validation"),
-                        sampling={"temperature": 0.0, "max_tokens": 32})
-        report = record(RecordConfig(tape=tape, envs=[env], concurrency=3))
-    finally:
-        server.stop()
-    assert report.done == 3 and report.failed == 0 and report.joined == 3
+    record_greedy_followup(tmp, model_dir, tape)
     return tape
 
 
