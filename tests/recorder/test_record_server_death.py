@@ -131,7 +131,11 @@ def test_a_server_gone_past_server_wait_then_retry_failed_completes_every_pair(m
     report = orjson.loads(check.stdout)
     assert report["rollouts_missing_calls"] == 0 and report["rollouts_incomplete"] == 0, report["broken_rollouts"]
     assert report["rollouts_superseded"] == len(failed)
-    assert check.returncode == 0, report["totals"]
+    # Retokenization findings are left out: they depend on what the model sampled (a sampled "\n", "\n"
+    # re-encodes as one "\n\n"), not on the server's death; everything about the tape's integrity is in.
+    integrity_problems = {k: n for k, n in report["totals"].items() if k != "retokenization"}
+    assert set(integrity_problems.values()) == {0}, report["totals"]
+    assert check.returncode == (0 if report["totals"]["retokenization"] == 0 else 1), report["totals"]
 
 
 def test_record_waits_for_an_agent_server_that_comes_up_late(tmp: Path) -> None:
