@@ -48,6 +48,7 @@ from ..tape._keys import KeyEntry, KeyIndex, KeyLog, call_key, encode, now_ns
 from ..tape._meta import TokenizerIdentity
 from ..tape._records import CallRecord
 from ..tape._writer import TapeWriter
+from ._sched import ask_for_short_slice
 
 _STOP = object()
 
@@ -182,12 +183,19 @@ class CallLog:
 
     async def record(self, record: CallRecord) -> None:
         """Return once the call is durable on the tape; :class:`RecordingError` if it cannot be."""
-        if self.writer is None:
-            return
+        await self.submit(record)
+
+    def submit(self, record: CallRecord) -> asyncio.Future[None]:
+        """Hand the call to the committer now; the future is done once it is durable (or fails
+        with :class:`RecordingError`). The caller does other work meanwhile and awaits it before
+        answering. Call from the event loop."""
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._queue.put((record, done, loop))
-        await done
+        done: asyncio.Future[None] = loop.create_future()
+        if self.writer is None:
+            done.set_result(None)
+        else:
+            self._queue.put((record, done, loop))
+        return done
 
     @property
     def pending(self) -> int:
@@ -196,7 +204,7 @@ class CallLog:
     def _commit_loop(self) -> None:
         """Group commit: take every queued call, add them, one commit, answer them all."""
         assert self.writer is not None
-        _ask_for_short_slice()
+        ask_for_short_slice()
         while True:
             first = self._queue.get()
             if first is _STOP:
@@ -325,47 +333,3 @@ def _settle_all(waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]],
             loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
-
-
-#: The scheduler slice the committer thread asks for (EEVDF, Linux >= 6.12), in ns.
-COMMITTER_SLICE_NS = 100_000
-
-
-def _ask_for_short_slice() -> None:
-    """Ask the kernel to give this thread a short time slice (``sched_attr.sched_runtime`` of a
-    ``SCHED_OTHER`` thread; unprivileged, same CPU share, just finer grained).
-
-    Why: every call waits for this thread to wake after its ``fdatasync``. On a busy host (vLLM's
-    own processes, a trainer, other jobs) an ordinary thread woken by I/O waits in the run queue
-    for the running task's slice to end: 2-4 ms p50 measured on 2 shared cores at load average
-    5-10, for a 0.5 ms fsync. With a 0.1 ms slice its deadline comes first and it runs at once
-    (run-queue wait 0.02 ms in the same measurement). Its bursts are short (one group's rows), so
-    the short slice costs nothing. Best effort: other kernels and platforms keep the default."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import platform
-
-        numbers = {"x86_64": (314, 315), "aarch64": (274, 275)}.get(platform.machine())
-        if numbers is None:
-            return
-        set_nr, get_nr = numbers
-
-        class SchedAttr(ctypes.Structure):
-            _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32),
-                        ("sched_flags", ctypes.c_uint64), ("sched_nice", ctypes.c_int32),
-                        ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
-                        ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64),
-                        ("sched_util_min", ctypes.c_uint32), ("sched_util_max", ctypes.c_uint32)]
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        attr = SchedAttr()
-        if libc.syscall(get_nr, 0, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0 or attr.sched_policy != 0:
-            return  # unknown, or not SCHED_OTHER (someone chose a policy for this process: keep it)
-        attr.size = ctypes.sizeof(attr)
-        attr.sched_flags = 0
-        attr.sched_runtime = COMMITTER_SLICE_NS
-        libc.syscall(set_nr, 0, ctypes.byref(attr), 0)  # refused by older kernels: nothing to do
-    except Exception:  # noqa: BLE001 - an optimisation only; the recorder works without it
-        return

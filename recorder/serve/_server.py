@@ -51,6 +51,7 @@ from ._openai import (CHAT_BODY, INT64_MAX, LOOKUP_BODY, TOKENIZE_BODY, WEIGHTS_
                       openapi_body, parse_chat, parse_json, parse_lookup, strict_bool)
 from ._parsers import TOOL_PARSERS, split_reasoning
 from ._prompting import Prompt, PromptBuilder
+from ._sched import ask_for_short_slice
 from ..tape._records import CallRecord
 
 
@@ -89,6 +90,7 @@ class PromptPool:
         return await done
 
     def _work(self) -> None:
+        ask_for_short_slice()  # every call at concurrency 1 waits for this thread to wake
         while True:
             item = self._queue.get()
             if item is None:
@@ -224,10 +226,11 @@ class GymtapeServer:
         return req, prompt, self.max_tokens_for(req, len(prompt.ids))
 
     async def chat(self, request: Request) -> Response:
-        return _json(await self.answer_chat(await self.json_body(request)))
+        content = await self.answer_chat(await self.json_body(request))
+        return Response(content=content, media_type="application/json")
 
-    async def answer_chat(self, raw: bytes) -> dict[str, Any]:
-        """The answer to a chat request's (raw JSON) body, once the call is on the tape."""
+    async def answer_chat(self, raw: bytes) -> bytes:
+        """The answer (JSON bytes) to a chat request's raw JSON body, once the call is on the tape."""
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
         req, prompt, max_tokens = await self.off_loop(self.prepare_chat, raw)
@@ -246,6 +249,17 @@ class GymtapeServer:
         message, finish = self._message(gen.token_ids, gen.finish_reason)
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         version = self.policy_version
+        # The row goes to the committer first; the answer is built and serialized while it commits
+        # (its fdatasync releases the GIL), and leaves only once the row is durable.
+        committed = self.log.submit(CallRecord(
+            rollout_id=rollout_id, call_index=call_index, call_id=call_id, prompt_ids=prompt.ids,
+            generation_ids=gen.token_ids, generation_logprobs=gen.logprobs, finish_reason=finish,
+            policy_version=version, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k if req.top_k > 0 else None, max_tokens=max_tokens, seed=req.seed,
+            logprobs_kind=self.engine.logprobs_kind, engine=self.engine.name, model=self.model_name,
+            started_at=started, latency_s=time.perf_counter() - t0, messages=prompt.messages, tools=req.tools,
+            output=message,
+        ))
         choice: dict[str, Any] = {
             "index": 0,
             "message": {**message, "prompt_token_ids": prompt.ids, "generation_token_ids": gen.token_ids,
@@ -260,7 +274,7 @@ class GymtapeServer:
                  "top_logprobs": []}
                 for t, lp in zip(gen.token_ids, gen.logprobs)
             ]}
-        body = {
+        content = orjson.dumps({
             "id": call_id,
             "object": "chat.completion",
             "created": int(started.timestamp()),
@@ -270,24 +284,16 @@ class GymtapeServer:
             "usage": {"prompt_tokens": len(prompt.ids), "completion_tokens": len(gen.token_ids),
                       "total_tokens": len(prompt.ids) + len(gen.token_ids)},
             "gymtape": {"rollout_id": rollout_id, "call_index": call_index, "policy_version": version},
-        }
+        })
         try:  # answered only once recorded: an answered call is on the tape
-            await self.log.record(CallRecord(
-                rollout_id=rollout_id, call_index=call_index, call_id=call_id, prompt_ids=prompt.ids,
-                generation_ids=gen.token_ids, generation_logprobs=gen.logprobs, finish_reason=finish,
-                policy_version=version, temperature=req.temperature, top_p=req.top_p,
-                top_k=req.top_k if req.top_k > 0 else None, max_tokens=max_tokens, seed=req.seed,
-                logprobs_kind=self.engine.logprobs_kind, engine=self.engine.name, model=self.model_name,
-                started_at=started, latency_s=time.perf_counter() - t0, messages=prompt.messages, tools=req.tools,
-                output=message,
-            ))
+            await committed
         except RecordingError as e:
             self.log.unassign(prompt.anchor, rollout_id, call_index)
             raise APIError(f"{e}. Nothing was recorded; retry when the tape's disk is writable again "
                            "(GET /health shows the recorder's state).", status=503, type="service_unavailable",
                            code="recording_failed") from None
         self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, version)
-        return body
+        return content
 
     def _token_text(self, token_id: int, as_ids: bool) -> str:
         return f"token_id:{token_id}" if as_ids else self.builder.decode([token_id])
@@ -442,7 +448,7 @@ class ChatRoute:
                 elif name == b"content-type" and content_type is None:
                     content_type = value.decode("latin-1")
             server.check_json_post(authorization or "", content_type)
-            answer = await server.answer_chat(await read_body(receive))
+            content = await server.answer_chat(await read_body(receive))
         except Exception as exc:
             handler = self._handler(exc)
             if handler is None:
@@ -450,7 +456,6 @@ class ChatRoute:
             response = await handler(Request(scope, receive), exc)
             await response(scope, receive, send)
             return
-        content = orjson.dumps(answer)
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(len(content)).encode()), (b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": content})
@@ -552,6 +557,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                     {"command": "gymtape serve", "config": config.to_dict(), "engine": engine.name,
                      "model": engine.model_name, "max_model_len": engine.max_model_len}, option=orjson.OPT_INDENT_2))
             state["s"] = GymtapeServer(config, engine, builder, log, pool, load)
+            ask_for_short_slice()  # the event loop's thread: it wakes for every hand-off back
             yield
         finally:
             pool.shutdown()

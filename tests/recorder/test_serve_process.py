@@ -42,3 +42,33 @@ def test_a_child_that_cannot_start_is_an_error_with_its_log(tmp_path: Path) -> N
         server.wait_ready(timeout=120)
     assert str(tmp_path / "serve.log") in str(e.value)
     assert server.proc.poll() is not None
+
+
+def _slice_ns(pid: int, tid: int) -> int | None:
+    for line in Path(f"/proc/{pid}/task/{tid}/sched").read_text().splitlines():
+        if line.startswith("se.slice"):
+            return int(line.split(":")[1])
+    return None
+
+
+def test_the_threads_every_call_waits_on_run_with_a_short_scheduler_slice(model_dir: Path, tmp_path: Path) -> None:
+    """Event loop, both prompt workers and the committer ask for a 0.1 ms slice (see _sched): on a
+    busy host each wakes at once instead of waiting out another task's slice."""
+    import threading
+
+    from recorder.serve._sched import SHORT_SLICE_NS, ask_for_short_slice
+
+    took: list[bool] = []
+    probe = threading.Thread(target=lambda: took.append(ask_for_short_slice()))
+    probe.start()
+    probe.join()
+    if not took[0] or not Path("/proc/self/sched").exists():
+        pytest.skip("this kernel has no per-thread slice (EEVDF sched_runtime, Linux >= 6.12)")
+    config = ServeConfig(port=0, tape=tmp_path / "tape", model=str(model_dir))
+    with ServeProcess(config, log=tmp_path / "serve.log") as server:
+        server.wait_ready(timeout=180)
+        pid = server.proc.pid
+        slices = {int(t.name): _slice_ns(pid, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+    assert slices[pid] == SHORT_SLICE_NS, "the event loop's thread"
+    short = [tid for tid, ns in slices.items() if ns == SHORT_SLICE_NS]
+    assert len(short) == 4, f"event loop, 2 prompt workers, committer; got {len(short)} of {len(slices)} threads"
