@@ -57,6 +57,7 @@ def test_the_threads_every_call_waits_on_run_with_a_short_scheduler_slice(model_
     import threading
 
     from recorder.serve._sched import SHORT_SLICE_NS, ask_for_short_slice
+    from recorder.serve._server import PROMPT_THREADS
 
     took: list[bool] = []
     probe = threading.Thread(target=lambda: took.append(ask_for_short_slice()))
@@ -71,4 +72,5 @@ def test_the_threads_every_call_waits_on_run_with_a_short_scheduler_slice(model_
         slices = {int(t.name): _slice_ns(pid, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
     assert slices[pid] == SHORT_SLICE_NS, "the event loop's thread"
     short = [tid for tid, ns in slices.items() if ns == SHORT_SLICE_NS]
-    assert len(short) == 4, f"event loop, 2 prompt workers, committer; got {len(short)} of {len(slices)} threads"
+    assert len(short) == 1 + PROMPT_THREADS + 1, (
+        f"event loop, {PROMPT_THREADS} prompt workers, committer; got {len(short)} of {len(slices)} threads")
