@@ -79,8 +79,7 @@ def record_greedy_followup(tmp: Path, model_dir: Path, tape: Path, *, concurrenc
     """Record three greedy `followup` rollouts through a real `gymtape serve` (hf engine, one torch
     thread: a 2-thread server oversubscribes a 2-core machine). These validation tasks get a
     short first answer, so each rollout reaches its second call."""
-    from recorder import builtin_env
-    from recorder.collect._collector import EnvConfig, RecordConfig, record
+    from recorder import EnvConfig, RecordConfig, builtin_env, record
 
     server = start_gymtape_serve(tmp, "--engine", "hf", "--model", str(model_dir), "--tape", str(tape),
                                  env={"OMP_NUM_THREADS": "1"})
