@@ -19,6 +19,7 @@ Every answer that is not a 200 is an OpenAI-style error, `{"error": {"message", 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
@@ -42,7 +43,7 @@ from starlette.requests import ClientDisconnect
 
 from ._call_log import CallLog, RecordingError
 from ._config import ServeConfig, ServeConfigError
-from .engines._protocol import Engine, EngineError
+from .engines._protocol import Engine, EngineError, Generation
 from ..tape._storage import write_bytes_atomic
 from ..tape._layout import RUNS_DIR
 from ..tape._meta import tokenizer_identity
@@ -260,6 +261,27 @@ class GymtapeServer:
             started_at=started, latency_s=time.perf_counter() - t0, messages=prompt.messages, tools=req.tools,
             output=message,
         ))
+        try:
+            content = self._answer(req, prompt, gen, message, finish, call_id, started, rollout_id, call_index, version)
+        except BaseException:
+            # The row is already committing: settle it before the error goes on (an answer that
+            # cannot be built leaves a recorded call, as a client that hangs up does).
+            with contextlib.suppress(RecordingError):
+                await committed
+            raise
+        try:  # answered only once recorded: an answered call is on the tape
+            await committed
+        except RecordingError as e:
+            self.log.unassign(prompt.anchor, rollout_id, call_index)
+            raise APIError(f"{e}. Nothing was recorded; retry when the tape's disk is writable again "
+                           "(GET /health shows the recorder's state).", status=503, type="service_unavailable",
+                           code="recording_failed") from None
+        self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, version)
+        return content
+
+    def _answer(self, req: ChatRequest, prompt: Prompt, gen: Generation, message: dict[str, Any], finish: str,
+                call_id: str, started: datetime, rollout_id: str, call_index: int, version: int) -> bytes:
+        """The chat completion's JSON bytes (built while the call's row commits)."""
         choice: dict[str, Any] = {
             "index": 0,
             "message": {**message, "prompt_token_ids": prompt.ids, "generation_token_ids": gen.token_ids,
@@ -274,7 +296,7 @@ class GymtapeServer:
                  "top_logprobs": []}
                 for t, lp in zip(gen.token_ids, gen.logprobs)
             ]}
-        content = orjson.dumps({
+        return orjson.dumps({
             "id": call_id,
             "object": "chat.completion",
             "created": int(started.timestamp()),
@@ -285,15 +307,6 @@ class GymtapeServer:
                       "total_tokens": len(prompt.ids) + len(gen.token_ids)},
             "gymtape": {"rollout_id": rollout_id, "call_index": call_index, "policy_version": version},
         })
-        try:  # answered only once recorded: an answered call is on the tape
-            await committed
-        except RecordingError as e:
-            self.log.unassign(prompt.anchor, rollout_id, call_index)
-            raise APIError(f"{e}. Nothing was recorded; retry when the tape's disk is writable again "
-                           "(GET /health shows the recorder's state).", status=503, type="service_unavailable",
-                           code="recording_failed") from None
-        self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, version)
-        return content
 
     def _token_text(self, token_id: int, as_ids: bool) -> str:
         return f"token_id:{token_id}" if as_ids else self.builder.decode([token_id])

@@ -394,3 +394,39 @@ def test_the_guard_passes_other_scopes_through() -> None:
     guard = RequestGuard(app, max_request_bytes=1, max_requests_in_flight=1)  # type: ignore[arg-type]
     asyncio.run(guard({"type": "lifespan"}, None, None))  # type: ignore[arg-type]
     assert seen == ["lifespan"]
+
+
+def test_an_answer_that_cannot_be_built_is_a_500_its_row_still_settles_and_the_server_goes_on(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is handed to the committer before the answer is built (so building overlaps the
+    fsync). If building fails, the commit is still awaited (the call is recorded, as when a
+    client hangs up after its call was committed), the client gets an OpenAI-style 500, and the
+    next call is answered and recorded."""
+    from fastapi.testclient import TestClient
+
+    from recorder import Tape
+    from recorder.serve._server import GymtapeServer, create_app
+
+    real = GymtapeServer._answer
+    failures = iter([RuntimeError("answer building failed")])
+
+    def flaky(self: GymtapeServer, *args: Any) -> bytes:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(self, *args)
+
+    monkeypatch.setattr(GymtapeServer, "_answer", flaky)
+    config = ServeConfig(model=str(model_dir), max_model_len=512, tape=tmp_path / "tape")
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        r = client.post("/v1/chat/completions", json=HELLO)
+        assert r.status_code == 500, r.text
+        assert_openai_error(r.status_code, r.content, "chat")
+        assert r.json()["error"]["code"] == "internal_error" and "RuntimeError" in r.json()["error"]["message"]
+        ok = client.post("/v1/chat/completions", json=HELLO)
+        assert ok.status_code == 200, ok.text
+        health = client.get("/health").json()["recording"]
+        assert health["errors"] == 0 and health["ok"] is True and health["recorded"] == 2
+    calls = Tape(tmp_path / "tape").read("calls", ["call_id", "rollout_id"])
+    assert calls.num_rows == 2  # the failed answer's call was committed; the next one too
+    assert ok.json()["id"] in calls["call_id"].to_pylist()
