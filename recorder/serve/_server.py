@@ -19,7 +19,6 @@ Every answer that is not a 200 is an OpenAI-style error, `{"error": {"message", 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import logging
@@ -266,8 +265,10 @@ class GymtapeServer:
         except BaseException:
             # The row is already committing: settle it before the error goes on (an answer that
             # cannot be built leaves a recorded call, as a client that hangs up does).
-            with contextlib.suppress(RecordingError):
+            try:
                 await committed
+            except RecordingError:
+                self.log.unassign(prompt.anchor, rollout_id, call_index)
             raise
         try:  # answered only once recorded: an answered call is on the tape
             await committed
