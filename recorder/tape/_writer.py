@@ -76,6 +76,10 @@ from ._schema import CALL_COLUMNS, CALLS_SCHEMA, ROLLOUT_COLUMNS, ROLLOUTS_SCHEM
 #: Open rollouts whose last context the writer keeps for delta encoding. Past this the oldest
 #: is forgotten and its next call is stored with its full prompt (correct, just larger).
 MAX_OPEN_ROLLOUTS = 65536
+#: ... and at most this many bytes of their contexts (a long-running server never sees its
+#: rollouts end: without a byte bound, 65,536 contexts of 4k-32k tokens would hold 1-8 GB).
+#: A rollout forgotten here loses nothing: its next call is stored whole, not delta-encoded.
+MAX_OPEN_CONTEXT_BYTES = 256 * 2**20
 
 
 def _json(value: Any) -> str | None:
@@ -297,6 +301,7 @@ class TapeWriter:
         self._calls = _TableBuffer(CALL_COLUMNS, self._with_meta(CALLS_SCHEMA, CALLS_DIR))
         self._rollouts = _TableBuffer(ROLLOUT_COLUMNS, self._with_meta(ROLLOUTS_SCHEMA, ROLLOUTS_DIR))
         self._open: OrderedDict[str, _OpenRollout] = OrderedDict()
+        self._open_bytes = 0  # bytes of the remembered contexts
         # Durable mode: rows added (a running count), rows durable, rows discarded by a failed
         # commit; the undo log of rows not yet durable (rollout id, state before the row, is a call).
         self._added = 0
@@ -398,7 +403,9 @@ class TapeWriter:
             if self.durable:
                 self._undo.append((rec.rollout_id, before, True))
                 self._added += 1
-            state.context = np.concatenate([prompt, gen]) if gen.size else prompt
+            context = np.concatenate([prompt, gen]) if gen.size else prompt
+            self._open_bytes += context.nbytes - state.context.nbytes  # the state is in _open
+            state.context = context
             state.messages = rec.messages
             state.tools_json = tools_json
             state.num_calls += 1
@@ -406,6 +413,7 @@ class TapeWriter:
             state.prompt_tokens += prompt.size
             state.generation_tokens += gen.size
             state.versions = [*state.versions, rec.policy_version]
+            self._evict()
             self._maybe_flush()
         return call_id
 
@@ -418,14 +426,14 @@ class TapeWriter:
         would not rebuild."""
         with self._critical():
             if context is None:
-                self._open.pop(rollout_id, None)
+                self._forget(rollout_id)
                 return
             ctx = _as_ids(context, "context", rollout_id)
             state = self._open.get(rollout_id)
             if state is None:
                 self._remember(rollout_id, _OpenRollout(context=ctx, messages=None, tools_json=None))
             else:
-                self._open[rollout_id] = dataclasses.replace(state, context=ctx, messages=None)
+                self._remember(rollout_id, dataclasses.replace(state, context=ctx, messages=None))
 
     def add_rollout(self, rec: RolloutRecord) -> None:
         """Buffer one rollout row; the rollout's delta state is released."""
@@ -460,7 +468,7 @@ class TapeWriter:
             }
             nbytes = 128 + sum(len(row[k]) for k in ("input_json", "response_json", "extras_json") if row[k])
             self._rollouts.append(row, nbytes, f"rollout {rec.rollout_id}")
-            self._open.pop(rec.rollout_id, None)
+            self._forget(rec.rollout_id)
             if self.durable:
                 self._undo.append((rec.rollout_id, state, False))
                 self._added += 1
@@ -588,9 +596,24 @@ class TapeWriter:
         return seq + 1
 
     def _remember(self, rollout_id: str, state: _OpenRollout) -> None:
+        """Remember (or replace) a rollout's delta state, as the most recently used."""
+        self._forget(rollout_id)
         self._open[rollout_id] = state
-        if len(self._open) > MAX_OPEN_ROLLOUTS:
-            self._open.popitem(last=False)
+        self._open_bytes += state.context.nbytes
+        self._evict()
+
+    def _forget(self, rollout_id: str) -> None:
+        old = self._open.pop(rollout_id, None)
+        if old is not None:
+            self._open_bytes -= old.context.nbytes
+
+    def _evict(self) -> None:
+        """Forget the least recently used rollouts past the count and byte bounds (the most
+        recent one stays, however large)."""
+        while len(self._open) > 1 and (len(self._open) > MAX_OPEN_ROLLOUTS
+                                       or self._open_bytes > MAX_OPEN_CONTEXT_BYTES):
+            _, old = self._open.popitem(last=False)
+            self._open_bytes -= old.context.nbytes
 
     class _Critical:
         def __init__(self, w: TapeWriter) -> None:
@@ -659,9 +682,9 @@ class TapeWriter:
                 if is_call and keep_calls:
                     continue
                 if before is None:
-                    self._open.pop(rollout_id, None)
+                    self._forget(rollout_id)
                 else:
-                    self._open[rollout_id] = before
+                    self._remember(rollout_id, before)
             self._failed_upto = self._added
 
     def _failed(self, message: str) -> None:

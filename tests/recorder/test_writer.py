@@ -172,3 +172,36 @@ def test_token_arrays_are_stored_as_int32_and_float32(tmp_path: Path) -> None:
     row = Tape(tmp_path / "t").read("calls").to_pylist()[0]
     assert row["prompt_suffix_ids"] == [2**31 - 1]
     assert np.float32(row["generation_logprobs"][0]) == np.float32(-1e-8)
+
+
+def test_remembered_contexts_stay_under_their_byte_bound_and_every_prompt_still_rebuilds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's writer never sees its rollouts end (the recorder writes the rollout rows), so
+    what it remembers for delta-encoding is bounded in bytes as well as in rollouts. A rollout
+    forgotten under that bound stores its next prompt whole: the tape rebuilds every prompt."""
+    from recorder.tape import _writer
+
+    bound = 64 * 1024
+    monkeypatch.setattr(_writer, "MAX_OPEN_CONTEXT_BYTES", bound)
+    rng = np.random.default_rng(0)
+    expected: dict[str, np.ndarray] = {}
+    context = {f"r{i}": rng.integers(0, 50_000, 2_000, dtype=np.int32) for i in range(20)}  # 8 KB each
+    with TapeWriter(tmp_path / "t", flush_seconds=None) as w:
+        for k in range(2):  # every rollout twice, the second round newest first: the latest are still
+            for rid, ctx in (list(context.items()) if k == 0 else list(context.items())[::-1]):  # remembered
+                prompt = np.concatenate([ctx, rng.integers(0, 50_000, 50, dtype=np.int32)])
+                gen = rng.integers(0, 50_000, 10, dtype=np.int32)
+                call_id = w.add_call(CallRecord(rollout_id=rid, call_index=k, prompt_ids=prompt, generation_ids=gen,
+                                                generation_logprobs=np.full(10, -0.5, np.float32)))
+                expected[call_id] = prompt
+                context[rid] = np.concatenate([prompt, gen])
+                assert w._open_bytes <= bound
+                assert w._open_bytes == sum(s.context.nbytes for s in w._open.values())
+    tape = Tape(tmp_path / "t")
+    rebuilt = tape.prompts()
+    assert set(rebuilt) == set(expected)
+    for call_id, prompt in expected.items():
+        np.testing.assert_array_equal(rebuilt[call_id], prompt)
+    second = tape.read("calls", ["call_index", "prefix_len"]).to_pylist()
+    prefixes = [r["prefix_len"] for r in second if r["call_index"] == 1]
+    assert 0 in prefixes and any(p > 0 for p in prefixes)  # some forgotten (stored whole), some delta-encoded
