@@ -187,8 +187,10 @@ def test_remembered_contexts_stay_under_their_byte_bound_and_every_prompt_still_
     expected: dict[str, np.ndarray] = {}
     context = {f"r{i}": rng.integers(0, 50_000, 2_000, dtype=np.int32) for i in range(20)}  # 8 KB each
     with TapeWriter(tmp_path / "t", flush_seconds=None) as w:
-        for k in range(2):  # every rollout twice, the second round newest first: the latest are still
-            for rid, ctx in (list(context.items()) if k == 0 else list(context.items())[::-1]):  # remembered
+        # Every rollout twice; the second round goes newest first, so the latest are still remembered.
+        for k, order in enumerate((list(context), list(context)[::-1])):
+            for rid in order:
+                ctx = context[rid]
                 prompt = np.concatenate([ctx, rng.integers(0, 50_000, 50, dtype=np.int32)])
                 gen = rng.integers(0, 50_000, 10, dtype=np.int32)
                 call_id = w.add_call(CallRecord(rollout_id=rid, call_index=k, prompt_ids=prompt, generation_ids=gen,
