@@ -23,6 +23,11 @@ flight, their calls interleaved, a shard every 256 calls), then compacted into a
 streaming epoch is measured against the raw read of the compacted tape's own calls shards,
 and the live tape's against its own (shown, no target), all in the same rounds.
 
+Also shown for the compacted tape (no target): the raw read verifying every page's checksum, as
+the loader's read must (issue 13's byte-flip guarantee), and the least any packing of the epoch
+takes (its per-token arrays written once from the read's buffers, its micro-batches' tensors cut;
+:func:`packing_floor`), against what 0.75x of the raw read leaves after the verified read.
+
 Targets: >= 1M packed tokens/s on one core; >= 50% of the raw read's rate over the same tokens
 for today's tape in both modes (the trainer-bridge issue); >= 75% for the streaming epoch on a
 compacted tape (the redesign issue). The target lines use CPU time (user + system; best of
@@ -36,7 +41,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import best_of_each, machine, pin_to_one_core, target  # noqa: E402
+from _report import best_of, best_of_each, machine, pin_to_one_core, target  # noqa: E402
 
 pin_to_one_core()
 
@@ -47,6 +52,7 @@ import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
@@ -110,6 +116,60 @@ def raw_read(tape: Path) -> int:
     return rows
 
 
+def verified_read(tape: Path) -> int:
+    """The raw read with every page's CRC-32 verified: the read the loader must make (a flipped
+    byte is a named error, never different tokens), with nothing else of the loader's."""
+    rows = 0
+    for shard in Tape(tape).shards("calls"):
+        rows += pq.ParquetFile(shard.path, page_checksum_verification=True).read(columns=CALL_COLUMNS).num_rows
+    return rows
+
+
+def packing_floor(ds: TapeDataset, tape: Path, runs: int) -> tuple[float, float, int]:
+    """CPU seconds of the least any packing of ``ds``'s epoch does, its micro-batches given, and
+    their number. (1) Write its per-token arrays (17 bytes a token: IDs, positions, logprobs,
+    advantages as 4 bytes, the mask as 1) window by window into one buffer, the token IDs and
+    logprobs taken in stored order from a verified read just made (what the loader copies from;
+    the rest from sources in cache): one ``memcpy`` per window and array, no per-run work.
+    (2) Cut each micro-batch's seven tensors (six per-token arrays and cu_seqlens).
+    No reading, planning, bin packing or micro-batch objects."""
+    plan, bins, _ = ds.plan(ds.epoch, (0, 1, 0, 1))
+    assert plan is not None
+    tokens = [int(plan.lengths[b].sum()) for b in bins]
+    total, window = sum(tokens), 1 << 18
+    dst, cached = np.empty(17 * window, np.uint8), np.ones(9 * window, np.uint8)
+    t_copy = float("inf")
+    for _ in range(runs):
+        table = pa.concat_tables(
+            pq.ParquetFile(s.path, page_checksum_verification=True).read(columns=CALL_COLUMNS)
+            for s in Tape(tape).shards("calls"))
+        stored = [np.frombuffer(c.values.buffers()[1], np.uint8)
+                  for name in ("prompt_suffix_ids", "generation_ids", "generation_logprobs")
+                  for c in table[name].chunks]
+        src = np.concatenate(stored)  # untimed: the loader copies from the read's chunks as they are
+        t0 = time.process_time()
+        at = 0
+        for start in range(0, total, window):
+            n = min(window, total - start)
+            take = min(8 * n, src.size - at)
+            np.copyto(dst[:take], src[at:at + take])
+            np.copyto(dst[8 * n:17 * n], cached[:9 * n])
+            at = (at + take) % src.size
+        t_copy = min(t_copy, time.process_time() - t0)
+        del table, stored, src
+
+    flat = torch.zeros(1, total, dtype=torch.int32)
+    cu = torch.zeros(sum(len(b) + 1 for b in bins), dtype=torch.int32)
+    cu_sizes = [len(b) + 1 for b in bins]
+
+    def cut() -> None:
+        for _ in range(6):
+            torch.unsafe_split_with_sizes(flat, tokens, dim=1)
+        torch.unsafe_split_with_sizes(cu, cu_sizes)
+
+    return t_copy, best_of(runs, cut, time.process_time), len(bins)
+
+
 def loader_epoch(ds: TapeDataset) -> int:
     ds.set_epoch(ds.epoch + 1)  # a new shuffle each time, as in training
     return sum(mb.num_tokens for mb in ds)
@@ -164,7 +224,7 @@ def main() -> int:
         contenders = [lambda: raw_read(tape), lambda: loader_epoch(streaming), lambda: loader_epoch(cached),
                       lambda: raw_read(compacted), lambda: loader_epoch(compacted_streaming),
                       lambda: raw_read(live), lambda: loader_epoch(live_streaming),
-                      lambda: loader_epoch_every_field(compacted_streaming)]
+                      lambda: loader_epoch_every_field(compacted_streaming), lambda: verified_read(compacted)]
         wall = best_of_each(args.runs, contenders)
         t_raw, t_stream, t_cached = wall[:3]
         raw_rate, stream_rate, cached_rate = tokens / t_raw, tokens / t_stream, tokens / t_cached
@@ -182,6 +242,17 @@ def main() -> int:
               f"live tape: raw {cpu[5]:.3f} s, cache=False {cpu[6]:.3f} s ({cpu[5] / cpu[6]:.2f}x raw)")
         print(f"compacted tape, cache=False, the consumer reading every field of every micro-batch (no target): "
               f"{cpu[7]:.3f} s of CPU ({cpu[3] / cpu[7]:.2f}x raw)")
+        verify = cpu[8] - cpu[3]
+        left = cpu[3] / 0.75 - cpu[8]
+        t_copy, t_cut, n_batches = packing_floor(compacted_streaming, compacted, args.runs)
+        print(f"compacted tape, raw read verifying page checksums (as the loader must): {cpu[8]:.4f} s of CPU "
+              f"(+{verify * 1e3:.1f} ms over the raw read); the epoch is {cpu[8] / cpu[4]:.2f}x this read")
+        print(f"what 0.75x of the raw read leaves the loader after its verified read: {left * 1e3:.1f} ms; the least "
+              f"any packing of this epoch takes: {t_copy * 1e3:.1f} ms to write its {tokens:,} tokens' arrays "
+              f"(17 bytes each, token IDs and logprobs from the read) + {t_cut * 1e3:.1f} ms to cut {n_batches} micro-batches' 7 tensors = "
+              f"{(t_copy + t_cut) * 1e3:.1f} ms, leaving {(left - t_copy - t_cut) * 1e3:.1f} ms for the sequence "
+              f"plan, the bins and the micro-batch objects (the loader spends "
+              f"{(cpu[4] - cpu[8]) * 1e3:.1f} ms on everything after its read)")
         # Targets on CPU time: "per core" is CPU work, and on a shared machine wall time mostly
         # measures the neighbours.
         ok = target("loader_tokens_per_s_per_core", tokens / cpu[1], "tokens/s", ">=", 1e6)

@@ -118,7 +118,9 @@ class TapeDataset(IterableDataset):
             raise BridgeValueError(f"token_budget must be positive, got {token_budget}")
         tape = tape if isinstance(tape, Tape) else Tape(tape)
         self.tape_path = tape.location
-        self._storage = tape.storage  # reopened per epoch without the cache (any filesystem)
+        # Without the cache every epoch reads the calls again through this one Tape: its catalog
+        # keeps each shard's footer check (by path, size and mtime) from one epoch to the next.
+        self._tape = tape
         self.token_budget = token_budget
         self.max_seqs_per_batch = max_seqs_per_batch
         self.seed = seed
@@ -282,7 +284,7 @@ class TapeDataset(IterableDataset):
             # nothing is copied.
             plan = None
             if rows.size:
-                calls = Tape(self._storage).read("calls", CALL_COLUMNS)
+                calls = self._tape.read("calls", CALL_COLUMNS)
                 plan = plan_sequences(calls, self._rollouts, include_open=False, rows=rows)
             if plan is None:
                 return None, Bins(np.zeros(0, np.int64), np.zeros(0, np.int64)), np.zeros(0, np.float32)

@@ -175,13 +175,23 @@ class ShardCatalog:
     """The shards of one tape, on any storage: listings, checked shard infos, reads.
 
     Checked infos are cached by (path, size, mtime), so a shard's footer is read once per
-    catalog however often the folder is listed. Thread-safe.
+    catalog however often the folder is listed (a loader reading the tape every epoch keeps one
+    catalog: on object storage each footer check is a ranged GET). Thread-safe; pickles with
+    its checks (DataLoader workers started by spawn).
     """
 
     def __init__(self, storage: TapeStorage) -> None:
         self.storage = storage
         self._checked: dict[tuple[str, int, int | None], ShardInfo] = {}
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        with self._lock:
+            return {"storage": self.storage, "checked": dict(self._checked)}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["storage"])  # type: ignore[misc, arg-type]
+        self._checked.update(state["checked"])  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"ShardCatalog({self.storage.location!r})"

@@ -148,6 +148,21 @@ def test_resume_with_dataloader_workers_counts_what_the_main_process_consumed(ta
         list(again)
 
 
+def test_a_streaming_dataset_in_spawned_workers_yields_what_forked_workers_yield(tape: Path) -> None:
+    """Without the cache the dataset keeps its open tape (and its catalog's footer checks) from
+    epoch to epoch; spawned DataLoader workers (macOS's default) get it pickled."""
+    def epoch(ds: TapeDataset, n: int, **kw) -> list:
+        ds.set_epoch(n)
+        got = [(b.shard, b.batch_index, b.sequence_ids, b.input_ids.tolist()) for b in ds.loader(num_workers=2, **kw)]
+        return sorted(got, key=lambda x: (x[0], x[1]))
+
+    ds = TapeDataset(tape, token_budget=300, seed=4, cache=False)
+    forked = [epoch(ds, n) for n in (1, 2)]
+    spawned = [epoch(ds, n, multiprocessing_context="spawn") for n in (1, 2)]
+    assert spawned == forked and forked[0] != forked[1] and len(forked[0]) > 3
+    assert {b[0][2] for b in forked[0]} == {0, 1}  # both workers made batches
+
+
 def _rollout(w: TapeWriter, rid: str, *, version: int, **kw) -> None:
     w.add_call(CallRecord(rollout_id=rid, call_index=0, prompt_ids=[1, 2, 3], generation_ids=[4, 5],
                           generation_logprobs=[-0.5, -0.25], policy_version=version))
