@@ -163,6 +163,27 @@ def test_a_streaming_dataset_in_spawned_workers_yields_what_forked_workers_yield
     assert {b[0][2] for b in forked[0]} == {0, 1}  # both workers made batches
 
 
+def test_a_streaming_dataset_opens_each_calls_shard_once_an_epoch(tape: Path, monkeypatch) -> None:
+    """The footer checks of the first epoch hold for the next (same shard, size and mtime): an
+    epoch opens each calls shard once, to read it (on object storage every open is a GET)."""
+    from recorder import TapeStorage
+    opened: list[str] = []
+    real = TapeStorage.parquet_file
+
+    def counting(self, path: str, **options):
+        opened.append(path)
+        return real(self, path, **options)
+
+    ds = TapeDataset(tape, token_budget=300, seed=4, cache=False)
+    monkeypatch.setattr(TapeStorage, "parquet_file", counting)
+    shards = {s.path for s in Tape(tape).shards("calls")}
+    for epoch in (1, 2, 3):
+        opened.clear()
+        ds.set_epoch(epoch)
+        assert sum(b.num_tokens for b in ds) > 0
+        assert sorted(opened) == sorted(shards), epoch
+
+
 def _rollout(w: TapeWriter, rid: str, *, version: int, **kw) -> None:
     w.add_call(CallRecord(rollout_id=rid, call_index=0, prompt_ids=[1, 2, 3], generation_ids=[4, 5],
                           generation_logprobs=[-0.5, -0.25], policy_version=version))
