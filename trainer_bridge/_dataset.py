@@ -79,7 +79,8 @@ class TapeDataset(IterableDataset):
         cache: plan the selection's sequences once, at construction, and keep them in memory
             (about the calls shards' decompressed size); every epoch then packs from memory, and
             DataLoader workers inherit the plan when they fork. False: every shard reads the
-            tape's calls each epoch and keeps nothing. None: cache when the calls shards total
+            tape's calls each epoch and keeps no tokens (only each shard's footer check, so an
+            epoch opens every shard once). None: cache when the calls shards total
             at most :data:`CACHE_AUTO_BYTES` on disk.
 
     Use with ``DataLoader(dataset, batch_size=None, num_workers=...)`` (micro-batches are
