@@ -221,10 +221,20 @@ class ShardCatalog:
                 listing = ShardListing.of(table, infos)
             except ShardVanished:
                 continue
+            self._forget_unlisted(table, infos)
             if unreadable is not None:
                 unreadable.extend(bad)
             return listing
         raise self._unsettled(table)
+
+    def _forget_unlisted(self, table: str, listed: list[ShardInfo]) -> None:
+        """Drop the checks of ``table``'s shards that are gone (compacted away): a catalog that
+        follows a live tape for days would otherwise keep one per shard ever written."""
+        keep = {(i.path, i.bytes) for i in listed}
+        with self._lock:
+            gone = [k for k, v in self._checked.items() if v.table == table and (k[0], k[1]) not in keep]
+            for k in gone:
+                del self._checked[k]
 
     def settled_listing(self, table: str) -> ShardListing:
         """A listing confirmed by a second one: no shard was missed (see the module doc)."""

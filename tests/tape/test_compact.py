@@ -110,6 +110,22 @@ def test_compacting_a_compacted_tape_merges_the_new_shards_with_the_small_compac
     assert ids(rows(t, "rollouts")) == sorted(f"a-r{r}" for r in range(16))
 
 
+def test_a_long_lived_catalog_forgets_the_checks_of_shards_compacted_away(tmp_path: Path) -> None:
+    """A follower's catalog lives as long as training: it keeps a footer check per shard listed
+    now, not per shard ever written (a live writer flushes one every few seconds)."""
+    tape = tmp_path / "t"
+    catalog = ShardCatalog(TapeStorage(tape))
+    for start in (0, 10, 20):
+        write_rollouts(tape, "a", range(start, start + 10))  # ten shards per table each time
+        assert len(catalog.listing("calls").live) >= 10
+        compact_tape(tape)
+        live = catalog.listing("calls").live
+        assert len(live) == 1 and live[0].compacted
+        checked = catalog._checked.values()  # the cache under test (no public view of it)
+        assert {i.path for i in checked if i.table == "calls"} == {live[0].path}
+    assert catalog.read("calls").num_rows == 60
+
+
 def test_retention_keeps_superseded_shards_that_readers_skip_and_inspect_counts_apart(tmp_path: Path) -> None:
     tape = tmp_path / "t"
     write_rollouts(tape, "a", range(0, 8))
