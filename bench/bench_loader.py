@@ -151,10 +151,12 @@ def packing_floor(ds: TapeDataset, tape: Path, runs: int) -> tuple[float, float,
         at = 0
         for start in range(0, total, window):
             n = min(window, total - start)
-            take = min(8 * n, src.size - at)
-            np.copyto(dst[:take], src[at:at + take])
+            done = 0
+            while done < 8 * n:  # 8 bytes a token from the read, from its start again when it runs out
+                take = min(8 * n - done, src.size - at)
+                np.copyto(dst[done:done + take], src[at:at + take])
+                done, at = done + take, (at + take) % src.size
             np.copyto(dst[8 * n:17 * n], cached[:9 * n])
-            at = (at + take) % src.size
         t_copy = min(t_copy, time.process_time() - t0)
         del table, stored, src
 

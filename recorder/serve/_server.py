@@ -260,23 +260,19 @@ class GymtapeServer:
             started_at=started, latency_s=time.perf_counter() - t0, messages=prompt.messages, tools=req.tools,
             output=message,
         ))
+        # The answer is built while the row commits. Answered only once recorded: an answered call
+        # is on the tape. The commit is settled even when building fails (that call stays recorded,
+        # as one whose client hangs up does); a failed commit is a 503 either way.
         try:
             content = self._answer(req, prompt, gen, message, finish, call_id, started, rollout_id, call_index, version)
-        except BaseException:
-            # The row is already committing: settle it before the error goes on (an answer that
-            # cannot be built leaves a recorded call, as a client that hangs up does).
+        finally:
             try:
                 await committed
-            except RecordingError:
+            except RecordingError as e:
                 self.log.unassign(prompt.anchor, rollout_id, call_index)
-            raise
-        try:  # answered only once recorded: an answered call is on the tape
-            await committed
-        except RecordingError as e:
-            self.log.unassign(prompt.anchor, rollout_id, call_index)
-            raise APIError(f"{e}. Nothing was recorded; retry when the tape's disk is writable again "
-                           "(GET /health shows the recorder's state).", status=503, type="service_unavailable",
-                           code="recording_failed") from None
+                raise APIError(f"{e}. Nothing was recorded; retry when the tape's disk is writable again "
+                               "(GET /health shows the recorder's state).", status=503, type="service_unavailable",
+                               code="recording_failed") from None
         self.log.remember(prompt.ids, gen.token_ids, rollout_id, call_index, version)
         return content
 

@@ -165,7 +165,7 @@ def test_a_streaming_dataset_in_spawned_workers_yields_what_forked_workers_yield
 
 def test_a_streaming_dataset_opens_each_calls_shard_once_an_epoch(tape: Path, monkeypatch) -> None:
     """The footer checks of the first epoch hold for the next (same shard, size and mtime): an
-    epoch opens each calls shard once, to read it (on object storage every open is a GET)."""
+    epoch opens each calls shard once, to read it (on object storage each open costs requests)."""
     from recorder import TapeStorage
     opened: list[str] = []
     real = TapeStorage.parquet_file
